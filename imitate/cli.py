@@ -1,0 +1,234 @@
+"""The `imitate` command line: parse, call one function, print. Holds the only `asyncio.run` of the project.
+
+    imitate --help
+    imitate config show [--config FILE] [--set k=v]
+    imitate fake-teacher --port 8089 [--rpm N --tpm N --faults 500=0.02,reset=0.01]
+    imitate harvest INPUT --out DIR [...]      |   imitate harvest status DIR
+    imitate train DATA --out DIR [...]         |   imitate merge ... | imitate chat ...
+
+Any ImitateError becomes one line on stderr and its exit code; `--debug` shows the traceback instead.
+Heavy modules (torch, openai) are imported inside the commands that need them, never at import time.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import typer
+
+from imitate import __version__
+from imitate.errors import ImitateError
+
+app = typer.Typer(
+    name="imitate",
+    help="Imitation-data distillation: harvest teacher explanations, curate, LoRA-train a student, publish.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"imitate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    _state["debug"] = debug
+
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file.", dir_okay=False)
+SetOpt = typer.Option(None, "--set", help="Override a config key: --set harvest.params.temperature=0.2")
+
+
+@config_app.command("show")
+def config_show(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
+    """Print the resolved configuration (defaults < file < --set), secrets redacted."""
+    from imitate.config import load_config, to_yaml
+
+    typer.echo(to_yaml(load_config(config, set_ or [])), nl=False)
+
+
+@app.command("fake-teacher")
+def fake_teacher(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(8089, help="Port; 0 picks a free one and prints it."),
+    rpm: int | None = typer.Option(None, help="Requests-per-minute limit (token bucket)."),
+    tpm: int | None = typer.Option(None, help="Tokens-per-minute limit (token bucket)."),
+    faults: str = typer.Option("", help="Random faults, e.g. '500=0.02,reset=0.01,429=0.01'."),
+    latency: float = typer.Option(0.0, help="Seconds added to every response."),
+    headers: bool = typer.Option(True, "--headers/--no-headers", help="Send x-ratelimit-* headers."),
+    seed: int = typer.Option(0, help="Seed for random faults."),
+) -> None:
+    """Run the loopback OpenAI-compatible fake teacher (for tests, the demo and benchmarks)."""
+    from imitate.teacher.fake import parse_faults, serve_forever
+
+    serve_forever(
+        host=host,
+        port=port,
+        rpm=rpm,
+        tpm=tpm,
+        faults=parse_faults(faults),
+        latency=latency,
+        headers=headers,
+        seed=seed,
+    )
+
+
+def _flag_overrides(**flags: object) -> list[str]:
+    """Command-line flags become overrides applied last: flags win over the file and --set."""
+    mapping = {
+        "base_url": "harvest.teachers.0.base_url",
+        "model": "harvest.teachers.0.model",
+        "api_key_env": "harvest.teachers.0.api_key_env",
+        "rpm": "harvest.teachers.0.rpm",
+        "tpm": "harvest.teachers.0.tpm",
+        "preset": "harvest.preset",
+        "max_usd": "harvest.budget.max_usd",
+        "max_tokens": "harvest.budget.max_tokens",
+        "max_requests": "harvest.budget.max_requests",
+        "mode": "harvest.mode",
+        "samples": "harvest.samples_per_prompt",
+        "skip_bad_rows": "harvest.source.skip_bad_rows",
+    }
+    return [f"{mapping[k]}={v}" for k, v in flags.items() if v is not None and v is not False]
+
+
+@app.command("harvest")
+def harvest_cmd(
+    input: str = typer.Argument(
+        ...,
+        help="JSONL/CSV/Parquet file, saved datasets folder or Hub name; or 'status' followed by an output directory.",
+    ),
+    status_dir: Path | None = typer.Argument(None, help="With 'status': the harvest output directory."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (shards, journal, manifest)."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    base_url: str | None = typer.Option(None, help="Teacher base URL (first teacher)."),
+    model: str | None = typer.Option(None, help="Teacher model (first teacher)."),
+    api_key_env: str | None = typer.Option(None, help="Env var holding the API key (first teacher)."),
+    rpm: int | None = typer.Option(None, help="Requests per minute (first teacher)."),
+    tpm: int | None = typer.Option(None, help="Tokens per minute (first teacher)."),
+    preset: str | None = typer.Option(
+        None, help="System-message preset: orca, orca-cot, orca-niv2, orca-t0, orca-flan, none."
+    ),
+    max_usd: float | None = typer.Option(None, help="Stop before spending more than this."),
+    max_tokens: int | None = typer.Option(None, help="Stop before using more tokens than this."),
+    max_requests: int | None = typer.Option(None, help="Stop before sending more requests than this."),
+    mode: str | None = typer.Option(None, help="online (default) or batch (Batch API)."),
+    samples: int | None = typer.Option(None, "--n", help="Samples per prompt."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip and count malformed input rows."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan and estimate; send nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress view."),
+    json_log: bool = typer.Option(False, "--json-log", help="Progress as JSON lines on stderr."),
+) -> None:
+    """Harvest teacher answers for every input row: rate-limited, resumable, budgeted."""
+    import asyncio
+    import json
+
+    from imitate.config import load_config, to_yaml
+    from imitate.errors import InputError
+    from imitate.harvest import run as harvest_run
+
+    if input == "status":
+        if status_dir is None:
+            raise InputError("usage: imitate harvest status DIR")
+        typer.echo(json.dumps(harvest_run.status(status_dir), indent=2))
+        return
+    if status_dir is not None:
+        raise InputError(f"unexpected extra argument {str(status_dir)!r}", hint="one INPUT per harvest")
+    overrides = (set_ or []) + _flag_overrides(
+        base_url=base_url,
+        model=model,
+        api_key_env=api_key_env,
+        rpm=rpm,
+        tpm=tpm,
+        preset=preset,
+        max_usd=max_usd,
+        max_tokens=max_tokens,
+        max_requests=max_requests,
+        mode=mode,
+        samples=samples,
+        skip_bad_rows=skip_bad_rows,
+    )
+    cfg = load_config(config, overrides)
+    if dry_run:
+        typer.echo(json.dumps(harvest_run.dry_run(cfg, input, out), indent=2))
+        return
+    if out is None:
+        raise InputError("--out DIR is required", hint="imitate harvest INPUT --out data/runs/NAME")
+    command = "imitate " + " ".join(sys.argv[1:]) if sys.argv[1:] else "imitate harvest"
+    progress = "quiet" if quiet else "json" if json_log else ("live" if sys.stderr.isatty() else "quiet")
+    if not quiet:
+        typer.echo(to_yaml(cfg, command), err=True)
+    if cfg.harvest.mode == "batch":
+        from imitate.harvest import batch
+
+        outcome = asyncio.run(batch.harvest_batch(cfg, input, out, command=command))
+    else:
+        outcome = asyncio.run(harvest_run.harvest(cfg, input, out, command=command, progress=progress))
+    t = outcome.manifest["totals"]
+    r = outcome.manifest["this_run"]
+    typer.echo(
+        f"{outcome.manifest['status']}: {t['ok']} ok, {t['failed']} failed, pending {t['pending']}, "
+        f"spend ${t['spend_usd']:.4f} (this run: {r['ok']} ok, {r['requests']} requests, "
+        f"{r['throttled_429']} throttled) -> {out}"
+    )
+    if outcome.error is not None:
+        raise outcome.error
+
+
+def _register_optional_commands() -> None:
+    """Commands of later stages register themselves; their modules import nothing heavy at top."""
+    try:
+        from imitate.train import commands as train_commands
+    except ImportError:  # the trainer stage is optional until it lands
+        return
+    register = getattr(train_commands, "register", None)
+    if register is not None:
+        register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script. Returns (and exits with) the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _state["debug"] = "--debug" in argv
+    try:
+        _register_optional_commands()
+        app(args=argv, prog_name="imitate", standalone_mode=False)
+        code = 0
+    except ImitateError as exc:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {exc.one_line()}", err=True)
+        code = exc.exit_code
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        code = 130
+    return code
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,273 @@
+"""Typed configuration: defaults < YAML file < `--set key.path=value` overrides, validated all at once.
+
+Every model forbids unknown keys. Secrets never live in a config: a teacher names the *environment variable*
+holding its API key (`api_key_env`), and `resolve_api_key` reads it at the moment a client is built. Whatever is
+printed or written (`redacted`, `stamp`) passes through redaction anyway, so a key pasted into a URL or a
+metadata field does not leak either.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from imitate.errors import ConfigError
+from imitate.records import GenerationParams
+
+REDACTED = "***"
+_SECRET_KEY = re.compile(r"(api_?key|secret|password|passwd|token|authorization)$", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Price(_Cfg):
+    """USD per million tokens."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+class TeacherConfig(_Cfg):
+    name: str = "default"
+    base_url: str = "http://127.0.0.1:8089/v1"
+    model: str = "fake-teacher"
+    api_key_env: str | None = Field(
+        None, description="name of the environment variable holding the API key (never the key itself)"
+    )
+    rpm: int | None = Field(None, ge=1, description="requests per minute; None = learn from headers/errors")
+    tpm: int | None = Field(None, ge=1, description="tokens per minute; None = learn from headers/errors")
+    max_concurrency: int = Field(256, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    weight: float = Field(1.0, ge=0)
+    collections: list[str] | None = Field(None, description="only these collections go to this teacher")
+    subset_fraction: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="send a copy of this share of queries (chosen by id hash) here, besides the main route",
+    )
+    fallback: bool = Field(False, description="only used when the routed teacher is out of quota or down")
+
+
+class FieldMap(_Cfg):
+    """Which input column holds what."""
+
+    question: str = "question"
+    system: str | None = "system"
+    id: str | None = "id"
+    collection: str | None = "collection"
+
+
+class SourceConfig(_Cfg):
+    fields: FieldMap = Field(default_factory=FieldMap)
+    format: Literal["auto", "jsonl", "csv", "parquet", "hf-disk", "hub"] = "auto"
+    split: str = "train"
+    skip_bad_rows: bool = False
+    limit: int | None = Field(None, ge=1)
+
+
+class BudgetConfig(_Cfg):
+    max_usd: float | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_requests: int | None = Field(None, ge=1)
+
+
+class RetryConfig(_Cfg):
+    max_attempts: int = Field(6, ge=1)
+    base_delay_s: float = Field(0.5, ge=0)
+    max_delay_s: float = Field(60.0, ge=0)
+    reask_truncated: int = Field(0, ge=0, description="re-ask a truncated answer this many times, doubling max_tokens")
+
+
+class HarvestConfig(_Cfg):
+    teachers: list[TeacherConfig] = Field(default_factory=lambda: [TeacherConfig()])
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    preset: str = "orca-cot"
+    preset_weights: dict[str, float] | None = None
+    seed: int = 0
+    samples_per_prompt: int = Field(1, ge=1)
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    mode: Literal["online", "batch"] = "online"
+    shard_rows: int = Field(50_000, ge=1)
+    fsync_every: int = Field(64, ge=1, description="rows between fsyncs of the journal")
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _unique_teachers(self) -> HarvestConfig:
+        names = [t.name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teacher names must be unique, repeated: {', '.join(dupes)}")
+        if not self.teachers:
+            raise ValueError("at least one teacher is needed")
+        return self
+
+
+class ImitateConfig(_Cfg):
+    harvest: HarvestConfig = Field(default_factory=HarvestConfig)
+    prices: dict[str, Price] = Field(default_factory=dict, description="USD per million tokens, by model name")
+
+    def price_for(self, model: str) -> Price:
+        return self.prices.get(model, Price())
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt_is_index = parts[i + 1].isdigit()
+        if isinstance(node, list):
+            idx = int(part)
+            while len(node) <= idx:
+                node.append({})
+            node = node[idx]
+            continue
+        if part not in node or not isinstance(node[part], dict | list):
+            node[part] = [] if nxt_is_index else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = int(last)
+        while len(node) <= idx:
+            node.append({})
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out, problems = [], []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or not re.fullmatch(r"[A-Za-z0-9_.\-]+", key.strip()):
+            problems.append(f"--set {item!r}: expected key.path=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    if problems:
+        raise ConfigError("bad override", problems=problems)
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{where}: {problem}", hint="fix the YAML syntax") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _format_validation(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+            if path.split(".")[-1] in {"api_key", "key", "openai_api_key"}:
+                msg += " (put the key in an environment variable and name it in api_key_env)"
+        problems.append(f"{path}: {msg}")
+    return problems
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> ImitateConfig:
+    """Defaults < YAML < overrides. Raises ConfigError listing every problem with its key path."""
+    tree: dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    for key, value in parse_overrides(overrides or []):
+        _set_path(tree, key, value)
+    try:
+        return ImitateConfig.model_validate(tree)
+    except ValidationError as exc:
+        where = str(path) if path else "config"
+        raise ConfigError(f"{where} has {exc.error_count()} problem(s)", problems=_format_validation(exc)) from exc
+
+
+def resolve_api_key(teacher: TeacherConfig, where: str = "harvest.teachers") -> str | None:
+    """Read the teacher's API key from its environment variable; a named but unset variable is an error."""
+    if not teacher.api_key_env:
+        return None
+    value = os.environ.get(teacher.api_key_env)
+    if not value:
+        raise ConfigError(
+            f"environment variable {teacher.api_key_env} (teacher {teacher.name!r}, {where}[].api_key_env) is not set",
+            hint=f"export {teacher.api_key_env}=... or change api_key_env",
+        )
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- redaction
+
+
+def _known_secrets(cfg: ImitateConfig) -> list[str]:
+    out = []
+    for t in cfg.harvest.teachers:
+        if t.api_key_env and os.environ.get(t.api_key_env):
+            out.append(os.environ[t.api_key_env])
+    return [s for s in out if len(s) >= 4]
+
+
+def redact(obj: Any, secrets: list[str] | None = None) -> Any:
+    """Mask secret-looking keys, URL credentials and any known secret value, recursively."""
+    secrets = secrets or []
+    if isinstance(obj, dict):
+        return {
+            k: (REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v, secrets))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list | tuple):
+        return [redact(v, secrets) for v in obj]
+    if isinstance(obj, str):
+        text = _URL_USERINFO.sub(REDACTED + "@", obj)
+        for s in secrets:
+            text = text.replace(s, REDACTED)
+        return text
+    return obj
+
+
+def redacted(cfg: ImitateConfig) -> dict[str, Any]:
+    return redact(cfg.model_dump(mode="json"), _known_secrets(cfg))
+
+
+def to_yaml(cfg: ImitateConfig, command: str | None = None) -> str:
+    head = f"# {command}\n" if command else ""
+    return head + yaml.safe_dump(redacted(cfg), sort_keys=False, allow_unicode=True)
+
+
+def stamp(cfg: ImitateConfig, out_dir: Path, command: str | None = None) -> Path:
+    """Write the resolved, redacted config next to an output (atomically)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "config.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(to_yaml(cfg, command), encoding="utf-8")
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,1 @@
+"""The async harvester: sources → system-message sampler → limiter → client → gates → journal."""

@@ -1,0 +1,417 @@
+"""The async collector: it only *drives* the pure parts (planner, limiter, budget, retry policy, journal).
+
+    source ─▶ planner ─▶ per-teacher bounded queue ─▶ dispatcher (limiter admits) ─▶ task: client + retries
+                                                                                         │
+                                   journal (exactly once) ◀── record (ok / failed) ◀────┘
+
+- The producer reads the source lazily and never gets more than a bounded queue ahead of the teachers.
+- A request already in the journal (or answered by a fallback teacher) is skipped: never paid twice.
+- Each row ends as one record, ok or failed with its error class; a failure never fails the run.
+- Quota/auth errors retire a teacher (its rows stay pending for a rerun, or go to a fallback teacher).
+- `stop()` stops admitting, waits for in-flight work up to the drain timeout, then cancels; `finally` flushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from imitate import __version__
+from imitate.config import ImitateConfig, TeacherConfig
+from imitate.errors import (
+    TEACHER_FATAL,
+    ContentFiltered,
+    RateLimited,
+    TeacherError,
+)
+from imitate.harvest.journal import Journal
+from imitate.harvest.plan import Budget, Planned, Planner, estimate_cost
+from imitate.records import Provenance, Query, Record, Request, Usage
+from imitate.teacher.limiter import RateLimiter, estimate_tokens
+from imitate.teacher.retry import RetryPolicy
+
+
+class _Abandoned(Exception):
+    """Internal: a row given up without a record (stopping, or its teacher retired); it stays pending."""
+
+
+@dataclass
+class _Accum:
+    attempts: int = 0
+    usage: Usage = field(default_factory=Usage)
+    cost: float = 0.0
+
+
+@dataclass
+class TeacherRuntime:
+    cfg: TeacherConfig
+    client: Any  # TeacherClient; Any keeps this module free of the openai import chain in type checks
+    limiter: RateLimiter
+    queue: asyncio.Queue
+    dead: str | None = None
+    sent: int = 0
+    ok: int = 0
+    throttled: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.monotonic)
+    planned: int = 0
+    skipped_done: int = 0
+    ok: int = 0
+    failed: int = 0
+    truncated: int = 0
+    requests: int = 0
+    throttled: int = 0
+    retries: int = 0
+    tokens: int = 0
+    spend_usd: float = 0.0
+    failed_by_class: Counter = field(default_factory=Counter)
+    source_exhausted: bool = False
+
+
+class Collector:
+    def __init__(
+        self,
+        cfg: ImitateConfig,
+        source: Any,
+        planner: Planner,
+        journal: Journal,
+        clients: dict[str, Any],
+        *,
+        budget: Budget,
+        clock=time.monotonic,
+        rng: random.Random | None = None,
+    ):
+        self.cfg = cfg
+        self.h = cfg.harvest
+        self.source = source
+        self.planner = planner
+        self.journal = journal
+        self.budget = budget
+        self.clock = clock
+        self.policy = RetryPolicy(self.h.retry, rng=rng or random.Random(self.h.seed))
+        self.stats = Stats()
+        self.stop_reason: str | None = None
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._inflight_keys: set[str] = set()
+        self._producer_done = False
+        self._holding = 0
+        self.teachers: dict[str, TeacherRuntime] = {}
+        for t in self.h.teachers:
+            self.teachers[t.name] = TeacherRuntime(
+                cfg=t,
+                client=clients[t.name],
+                limiter=RateLimiter(rpm=t.rpm, tpm=t.tpm, max_concurrency=t.max_concurrency, clock=clock),
+                queue=asyncio.Queue(maxsize=max(16, 2 * t.max_concurrency)),
+            )
+
+    # ------------------------------------------------------------------------------------------ control
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def run(self) -> Stats:
+        dispatchers = [asyncio.create_task(self._dispatch(rt)) for rt in self.teachers.values()]
+        try:
+            try:
+                await self._produce()
+            finally:
+                self._producer_done = True
+            await asyncio.gather(*dispatchers)
+            await self._drain()
+        finally:
+            for d in dispatchers:
+                d.cancel()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*dispatchers, *self._tasks, return_exceptions=True)
+            self.journal.flush()
+        return self.stats
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        if not self.stopping:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            return
+        _, pending = await asyncio.wait(self._tasks, timeout=self.h.drain_timeout_s)
+        for task in pending:
+            task.cancel()
+
+    # ------------------------------------------------------------------------------------------ producer
+
+    def _is_done(self, p: Planned) -> bool:
+        if self.journal.status_of(p.request.key()) is not None:
+            return True
+        return any(self.journal.status_of(r.key()) is not None for r in self.planner.fallback_requests(p))
+
+    async def _produce(self) -> None:
+        n = 0
+        for query in self.source:
+            if self.stopping:
+                return
+            for p in self.planner.plan(query):
+                self.stats.planned += 1
+                key = p.request.key()
+                if key in self._inflight_keys or self._is_done(p):
+                    self.stats.skipped_done += 1
+                    continue
+                rt = self._live_teacher(p)
+                if rt is None:
+                    continue
+                if not await self._enqueue(rt, p):
+                    return
+            n += 1
+            if n % 256 == 0:
+                await asyncio.sleep(0)  # a long run of already-done rows must not starve the event loop
+        self.stats.source_exhausted = True
+
+    def _live_teacher(self, p: Planned) -> TeacherRuntime | None:
+        rt = self.teachers[p.request.teacher]
+        if rt.dead is None:
+            return rt
+        dead = {name for name, r in self.teachers.items() if r.dead}
+        alt = self.planner.fallback_for(p, dead)
+        if alt is None:
+            return None
+        p.request = alt
+        return self.teachers[alt.teacher]
+
+    def _estimate(self, req: Request) -> tuple[int, float]:
+        est = estimate_tokens([m.model_dump() for m in req.messages], req.params.max_tokens)
+        prompt = max(0, est - req.params.max_tokens)
+        return est, estimate_cost(self.cfg.price_for(req.model), prompt, req.params.max_tokens)
+
+    async def _enqueue(self, rt: TeacherRuntime, p: Planned) -> bool:
+        est_tokens, est_usd = self._estimate(p.request)
+        if not self.budget.admit(est_usd, est_tokens):
+            self.stop(self.budget.describe())
+            return False
+        self._inflight_keys.add(p.request.key())
+        put = asyncio.create_task(rt.queue.put((p, est_tokens, est_usd)))
+        stop = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({put, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not put.done():
+            put.cancel()
+            self.budget.release(est_usd, est_tokens)
+            self._inflight_keys.discard(p.request.key())
+            return False
+        return True
+
+    # ------------------------------------------------------------------------------------------ dispatch
+
+    async def _acquire(self, rt: TeacherRuntime, est_tokens: int) -> bool:
+        while True:
+            if self.stopping or rt.dead:
+                return False
+            wait = rt.limiter.try_acquire(est_tokens)
+            if wait <= 0:
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=min(wait, 1.0))
+
+    async def _next_item(self, rt: TeacherRuntime):
+        """The next queued row, or None once the producer is done and no queue or dispatcher holds work
+        (a dispatcher may still re-route rows to this teacher, so an empty queue alone is not the end)."""
+        while True:
+            try:
+                return rt.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                pass
+            if self._producer_done and self._holding == 0 and all(r.queue.empty() for r in self.teachers.values()):
+                return None
+            try:
+                return await asyncio.wait_for(rt.queue.get(), timeout=0.05)
+            except TimeoutError:
+                continue
+
+    async def _dispatch(self, rt: TeacherRuntime) -> None:
+        while (item := await self._next_item(rt)) is not None:
+            self._holding += 1
+            try:
+                p, est_tokens, est_usd = item
+                if await self._acquire(rt, est_tokens):
+                    task = asyncio.create_task(self._run_one(rt, p, est_tokens, est_usd))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                elif self.stopping:
+                    self._abandon(p, est_tokens, est_usd)
+                    self._discard_queue(rt)
+                    return
+                else:
+                    await self._reroute(p, est_tokens, est_usd)
+            finally:
+                self._holding -= 1
+
+    async def _reroute(self, p: Planned, est_tokens: int, est_usd: float) -> None:
+        """A queued row whose teacher was retired goes to a live fallback teacher, or stays pending."""
+        old_key = p.request.key()
+        alt = self._live_teacher(p)
+        if alt is None:
+            self._abandon(p, est_tokens, est_usd)
+            return
+        self._inflight_keys.discard(old_key)
+        self._inflight_keys.add(p.request.key())
+        await alt.queue.put((p, est_tokens, est_usd))
+
+    def _abandon(self, p: Planned, est_tokens: int, est_usd: float) -> None:
+        self.budget.release(est_usd, est_tokens)
+        self._inflight_keys.discard(p.request.key())
+
+    def _discard_queue(self, rt: TeacherRuntime) -> None:
+        while not rt.queue.empty():
+            self._abandon(*rt.queue.get_nowait())
+
+    # ------------------------------------------------------------------------------------------ one row
+
+    async def _run_one(self, rt: TeacherRuntime, p: Planned, est_tokens: int, est_usd: float) -> None:
+        req = p.request
+        key = req.key()
+        self.journal.mark_inflight(key)
+        acc = _Accum()
+        params = req.params
+        try:
+            for reask in range(self.h.retry.reask_truncated + 1):
+                try:
+                    reply = await self._chat_with_retries(rt, req, params, est_tokens, acc)
+                except _Abandoned:
+                    return  # stopping, or the teacher was retired: the row stays pending for a rerun
+                except TeacherError as exc:
+                    if not isinstance(exc, TEACHER_FATAL):
+                        self._record_failure(p, exc, acc)
+                    return
+                self._account(rt, req, reply, est_tokens, acc)
+                if reply.finish_reason == "content_filter":
+                    exc = ContentFiltered("the teacher's content filter stopped the answer", status=200)
+                    self._record_failure(p, exc, acc, reply=reply)
+                    return
+                if reply.finish_reason != "length" or reask == self.h.retry.reask_truncated:
+                    break
+                params = params.model_copy(update={"max_tokens": params.max_tokens * 2})
+            self._record_ok(p, reply, params, acc)
+        finally:
+            self.budget.release(est_usd, est_tokens)
+            self._inflight_keys.discard(key)
+
+    async def _chat_with_retries(self, rt: TeacherRuntime, req: Request, params, est_tokens: int, acc: _Accum):
+        """One logical request: tenacity drives attempts by error class; every attempt goes through the limiter
+        (the first was admitted by the dispatcher) and feeds it back."""
+        async for attempt in self.policy.retrying():
+            with attempt:
+                if acc.attempts > 0 and not await self._acquire(rt, est_tokens):
+                    raise _Abandoned
+                acc.attempts += 1
+                rt.sent += 1
+                self.stats.requests += 1
+                if acc.attempts > 1:
+                    self.stats.retries += 1
+                try:
+                    return await rt.client.chat(req.messages, model=req.model, params=params)
+                except TeacherError as exc:
+                    self._on_error(rt, exc, est_tokens)
+                    raise
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    def _account(self, rt: TeacherRuntime, req: Request, reply, est_tokens: int, acc: _Accum) -> None:
+        used = reply.usage.total_tokens
+        rt.limiter.on_success(est_tokens, used, reply.rate, reply.latency_s)
+        rt.ok += 1
+        rt.tokens += used
+        acc.usage = acc.usage + reply.usage
+        cost = self.cfg.price_for(req.model).cost(reply.usage.prompt_tokens, reply.usage.completion_tokens)
+        acc.cost += cost
+        self.budget.spend(cost, used, 1)
+
+    def _on_error(self, rt: TeacherRuntime, exc: TeacherError, est_tokens: int) -> None:
+        from imitate.teacher.reply import RateLimitState
+
+        if isinstance(exc, RateLimited):
+            rt.throttled += 1
+            self.stats.throttled += 1
+            rt.limiter.on_rate_limited(est_tokens, RateLimitState(retry_after_s=exc.retry_after))
+        else:
+            rt.limiter.on_failure(est_tokens)
+        self.budget.spend(0.0, 0, 1)
+        if isinstance(exc, TEACHER_FATAL):
+            self._retire(rt, exc)
+
+    def _retire(self, rt: TeacherRuntime, exc: TeacherError) -> None:
+        if rt.dead is None:
+            rt.dead = f"{type(exc).__name__}: {exc.message}"
+        if all(r.dead for r in self.teachers.values() if not r.cfg.fallback) and not any(
+            r.dead is None for r in self.teachers.values() if r.cfg.fallback
+        ):
+            self.stop(f"teacher {rt.cfg.name!r} stopped ({rt.dead}); no teacher left to send to")
+
+    def _provenance(self, p: Planned, params, acc: _Accum, reply=None) -> Provenance:
+        req = p.request
+        return Provenance(
+            teacher=req.teacher,
+            model=req.model,
+            base_url=req.base_url,
+            request_key=req.key(),
+            system_prompt_id=req.system_prompt_id,
+            system_prompt_sha256=req.system_prompt_sha256,
+            params=params,
+            sample_index=req.sample_index,
+            usage=acc.usage,
+            cost_usd=round(acc.cost, 10),
+            finish_reason=reply.finish_reason if reply else None,
+            attempts=acc.attempts,
+            latency_s=round(reply.latency_s, 6) if reply else 0.0,
+            request_id=reply.request_id if reply else None,
+            created_at=round(time.time(), 3),
+            imitate_version=__version__,
+        )
+
+    @staticmethod
+    def _record_id(q: Query, req: Request) -> str:
+        return f"{q.id}/{req.teacher}/{req.sample_index}"
+
+    def _record_ok(self, p: Planned, reply, params, acc: _Accum) -> None:
+        truncated = reply.finish_reason == "length"
+        record = Record(
+            id=self._record_id(p.query, p.request),
+            query=p.query,
+            messages=p.request.messages,
+            response=reply.text,
+            truncated=truncated,
+            provenance=self._provenance(p, params, acc, reply),
+        )
+        self.journal.append(record)
+        self.stats.ok += 1
+        self.stats.truncated += truncated
+        self.stats.tokens += acc.usage.total_tokens
+        self.stats.spend_usd += acc.cost
+
+    def _record_failure(self, p: Planned, exc: TeacherError, acc: _Accum, reply=None) -> None:
+        record = Record(
+            id=self._record_id(p.query, p.request),
+            query=p.query,
+            messages=p.request.messages,
+            status="failed",
+            error_class=type(exc).__name__,
+            error_message=exc.message[:500],
+            provenance=self._provenance(p, p.request.params, acc, reply),
+        )
+        self.journal.append(record)
+        self.stats.failed += 1
+        self.stats.failed_by_class[type(exc).__name__] += 1
+        self.stats.tokens += acc.usage.total_tokens
+        self.stats.spend_usd += acc.cost

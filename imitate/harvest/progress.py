@@ -1,0 +1,95 @@
+"""What a running harvest shows: a rich live view, JSON log lines (`--json-log`), or nothing (`--quiet`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+def snapshot(collector: Any, total_hint: int | None) -> dict[str, Any]:
+    s = collector.stats
+    elapsed = max(1e-6, time.monotonic() - s.started)
+    finished = s.ok + s.failed
+    data: dict[str, Any] = {
+        "done": s.ok,
+        "failed": s.failed,
+        "skipped_done": s.skipped_done,
+        "total": total_hint,
+        "requests": s.requests,
+        "throttled_429": s.throttled,
+        "retries": s.retries,
+        "req_per_min": round(s.requests / elapsed * 60, 1),
+        "rows_per_min": round(finished / elapsed * 60, 1),
+        "tok_per_min": round(s.tokens / elapsed * 60, 1),
+        "spend_usd": round(s.spend_usd, 6),
+        "elapsed_s": round(elapsed, 1),
+        "teachers": {},
+    }
+    if total_hint:
+        left = max(0, total_hint - finished - s.skipped_done)
+        rate = finished / elapsed
+        data["eta_s"] = round(left / rate, 1) if rate > 0 else None
+    for name, rt in collector.teachers.items():
+        snap = rt.limiter.snapshot()
+        snap.update({"sent": rt.sent, "ok": rt.ok, "throttled": rt.throttled, "dead": rt.dead})
+        data["teachers"][name] = snap
+    return data
+
+
+def _table(data: dict[str, Any]) -> Table:
+    t = Table(title="imitate harvest", title_justify="left", show_header=False, box=None)
+    total = data["total"] if data["total"] is not None else "?"
+    t.add_row("rows", f"{data['done']} done · {data['failed']} failed · {data['skipped_done']} resumed / {total}")
+    t.add_row("rate", f"{data['req_per_min']:.0f} req/min · {data['tok_per_min']:.0f} tok/min")
+    t.add_row("429s", f"{data['throttled_429']} ({data['retries']} retries)")
+    t.add_row("spend", f"${data['spend_usd']:.4f}")
+    eta = data.get("eta_s")
+    t.add_row("elapsed", f"{data['elapsed_s']:.0f}s" + (f" · ETA {eta:.0f}s" if eta is not None else ""))
+    for name, snap in data["teachers"].items():
+        util = snap.get("utilisation")
+        util_txt = f"{util * 100:.0f}% of limit" if isinstance(util, int | float) else "limit unknown"
+        state = f"DOWN ({snap['dead']})" if snap.get("dead") else util_txt
+        t.add_row(
+            f"teacher {name}",
+            f"{snap['ok']} ok · conc {snap.get('concurrency_limit', '?')} · in flight "
+            f"{snap.get('in_flight', '?')} · {state}",
+        )
+    return t
+
+
+class Progress:
+    """mode: 'live' (rich view on a terminal), 'json' (one JSON line per interval on stderr), 'quiet'."""
+
+    def __init__(self, mode: str, collector: Any, total_hint: int | None, interval: float = 0.5):
+        self.mode = mode
+        self.collector = collector
+        self.total_hint = total_hint
+        self.interval = interval if mode == "live" else max(interval, 5.0)
+        self._live: Live | None = None
+
+    def start(self) -> None:
+        if self.mode == "live":
+            self._live = Live(_table(self.data()), console=Console(stderr=True), refresh_per_second=4)
+            self._live.start()
+
+    def data(self) -> dict[str, Any]:
+        return snapshot(self.collector, self.total_hint)
+
+    def tick(self) -> None:
+        if self.mode == "live" and self._live:
+            self._live.update(_table(self.data()))
+        elif self.mode == "json":
+            sys.stderr.write(json.dumps({"event": "progress", **self.data()}) + "\n")
+            sys.stderr.flush()
+
+    def stop(self) -> None:
+        if self._live:
+            self._live.update(_table(self.data()))
+            self._live.stop()
+            self._live = None
