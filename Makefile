@@ -44,7 +44,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 demo: install
-	IMITATE_MODEL_DIR=$(MODEL_DIR) $(BIN)/python bench/../scripts/demo.py
+	IMITATE_MODEL_DIR=$(MODEL_DIR) bash data/samples/demo.sh
 
 bench: install
 	$(BIN)/python bench/fake_teacher_ceiling.py

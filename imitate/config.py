@@ -33,6 +33,7 @@ class Price(_Cfg):
 
     input_per_mtok: float = Field(0.0, ge=0)
     output_per_mtok: float = Field(0.0, ge=0)
+    batch_multiplier: float = Field(0.5, ge=0, description="Batch API price as a fraction of the online price")
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
@@ -73,6 +74,7 @@ class SourceConfig(_Cfg):
     fields: FieldMap = Field(default_factory=FieldMap)
     format: Literal["auto", "jsonl", "csv", "parquet", "hf-disk", "hub"] = "auto"
     split: str = "train"
+    subset: str | None = Field(None, description="Hub dataset configuration name (the `name` of load_dataset)")
     skip_bad_rows: bool = False
     limit: int | None = Field(None, ge=1)
 
@@ -93,7 +95,7 @@ class RetryConfig(_Cfg):
 class HarvestConfig(_Cfg):
     teachers: list[TeacherConfig] = Field(default_factory=lambda: [TeacherConfig()])
     params: GenerationParams = Field(default_factory=GenerationParams)
-    preset: str = "orca-cot"
+    preset: str = "orca"
     preset_weights: dict[str, float] | None = None
     seed: int = 0
     samples_per_prompt: int = Field(1, ge=1)
@@ -119,6 +121,7 @@ class HarvestConfig(_Cfg):
 class ImitateConfig(_Cfg):
     harvest: HarvestConfig = Field(default_factory=HarvestConfig)
     prices: dict[str, Price] = Field(default_factory=dict, description="USD per million tokens, by model name")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())  # defined in the train section below
 
     def price_for(self, model: str) -> Price:
         return self.prices.get(model, Price())
@@ -271,3 +274,74 @@ def stamp(cfg: ImitateConfig, out_dir: Path, command: str | None = None) -> Path
     tmp.write_text(to_yaml(cfg, command), encoding="utf-8")
     os.replace(tmp, target)
     return target
+
+
+# ---------------------------------------------------------------------------------------------- train
+# `imitate train` / `merge` / `chat` (imitate/train/). Kept last; ImitateConfig names TrainConfig and is rebuilt
+# at the end of this section once the classes exist.
+
+
+class LoraConfig(_Cfg):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt; all-linear = every linear projection except the LM head"
+    )
+
+
+class StageConfig(_Cfg):
+    """One stage of progressive training (Orca): a data selection, its epochs and learning rate.
+
+    Stages run in order and continue the same adapter; each gets a fresh optimizer and its own warm-up + cosine
+    schedule. Every given filter must match (None = any)."""
+
+    name: str
+    teachers: list[str] | None = Field(None, description="provenance.teacher values to train on")
+    collections: list[str] | None = Field(None, description="query.collection values to train on")
+    tags: list[str] | None = Field(None, description="records carrying any of these tags")
+    epochs: int = Field(1, ge=1)
+    lr: float | None = Field(None, gt=0, description="None = train.lr")
+
+
+class TrainConfig(_Cfg):
+    model: str | None = Field(
+        None, description="student: HF folder, .gguf file or Hub name; None = SmolLM2-135M-Instruct GGUF"
+    )
+    seed: int = 0
+    max_length: int = Field(2048, ge=8, description="longest example in tokens")
+    over_length: Literal["drop", "truncate-prompt", "error"] = "drop"
+    chat_template: str | None = Field(None, description="Jinja template overriding the tokenizer's")
+    batching: Literal["pack", "pad"] = "pack"
+    pack_length: int | None = Field(1024, ge=8, description="tokens per packed row; None = max_length")
+    batch_rows: int = Field(1, ge=1, description="rows per micro-batch")
+    grad_accum: int = Field(4, ge=1, description="micro-batches per optimizer step (per process)")
+    epochs: int = Field(1, ge=1, description="used when no stages are given")
+    lr: float = Field(2e-4, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of the peak lr")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps in total")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of records (by id hash) held out")
+    eval_every: int = Field(0, ge=0, description="optimizer steps between evals; 0 = at the end of each stage")
+    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = none")
+    log_every: int = Field(1, ge=1)
+    resume: str | None = Field(None, description="'latest' or a checkpoint directory")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bf16 on GPUs with it, else fp32")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default")
+    cache_dir: str | None = Field(None, description="tokenised-data cache; None = $IMITATE_CACHE_DIR or ~/.cache")
+    check_examples: int = Field(3, ge=0, description="examples dumped by --check")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    stages: list[StageConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_stages(self) -> TrainConfig:
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+ImitateConfig.model_rebuild()

@@ -26,13 +26,16 @@ from imitate.config import ImitateConfig, TeacherConfig
 from imitate.errors import (
     TEACHER_FATAL,
     ContentFiltered,
+    NetworkError,
     RateLimited,
+    ServerError,
     TeacherError,
 )
 from imitate.harvest.journal import Journal
 from imitate.harvest.plan import Budget, Planned, Planner, estimate_cost
-from imitate.records import Provenance, Query, Record, Request, Usage
+from imitate.records import GenerationParams, Provenance, Record, Request, Usage
 from imitate.teacher.limiter import RateLimiter, estimate_tokens
+from imitate.teacher.reply import RateLimitState, Reply
 from imitate.teacher.retry import RetryPolicy
 
 
@@ -41,7 +44,7 @@ class _Abandoned(Exception):
 
 
 @dataclass
-class _Accum:
+class Accum:
     attempts: int = 0
     usage: Usage = field(default_factory=Usage)
     cost: float = 0.0
@@ -227,14 +230,19 @@ class Collector:
                 await asyncio.wait_for(self._stopping.wait(), timeout=min(wait, 1.0))
 
     async def _next_item(self, rt: TeacherRuntime):
-        """The next queued row, or None once the producer is done and no queue or dispatcher holds work
-        (a dispatcher may still re-route rows to this teacher, so an empty queue alone is not the end)."""
+        """The next queued row, or None once the producer is done and no queue, dispatcher or task holds work
+        (rows may still be re-routed to this teacher, so an empty queue alone is not the end)."""
         while True:
             try:
                 return rt.queue.get_nowait()
             except asyncio.QueueEmpty:
                 pass
-            if self._producer_done and self._holding == 0 and all(r.queue.empty() for r in self.teachers.values()):
+            if (
+                self._producer_done
+                and self._holding == 0
+                and not self._tasks  # a running row may still be re-routed here when its teacher is retired
+                and all(r.queue.empty() for r in self.teachers.values())
+            ):
                 return None
             try:
                 return await asyncio.wait_for(rt.queue.get(), timeout=0.05)
@@ -259,16 +267,21 @@ class Collector:
             finally:
                 self._holding -= 1
 
-    async def _reroute(self, p: Planned, est_tokens: int, est_usd: float) -> None:
-        """A queued row whose teacher was retired goes to a live fallback teacher, or stays pending."""
-        old_key = p.request.key()
+    async def _reroute(self, p: Planned, est_tokens: int, est_usd: float) -> bool:
+        """A row whose teacher was retired goes to a live fallback teacher (True), or stays pending (False)."""
+        old_key, old_teacher = p.request.key(), p.request.teacher
         alt = self._live_teacher(p)
-        if alt is None:
+        if alt is None or alt.cfg.name == old_teacher:
             self._abandon(p, est_tokens, est_usd)
-            return
+            return False
         self._inflight_keys.discard(old_key)
         self._inflight_keys.add(p.request.key())
-        await alt.queue.put((p, est_tokens, est_usd))
+        self._holding += 1  # the row is in nobody's queue while we wait for room: dispatchers must not end
+        try:
+            await alt.queue.put((p, est_tokens, est_usd))
+        finally:
+            self._holding -= 1
+        return True
 
     def _abandon(self, p: Planned, est_tokens: int, est_usd: float) -> None:
         self.budget.release(est_usd, est_tokens)
@@ -284,17 +297,23 @@ class Collector:
         req = p.request
         key = req.key()
         self.journal.mark_inflight(key)
-        acc = _Accum()
+        acc = Accum()
         params = req.params
+        handed_off = False
         try:
             for reask in range(self.h.retry.reask_truncated + 1):
                 try:
                     reply = await self._chat_with_retries(rt, req, params, est_tokens, acc)
                 except _Abandoned:
-                    return  # stopping, or the teacher was retired: the row stays pending for a rerun
+                    self.journal.clear_inflight(key)  # stopping or teacher retired: pending for a rerun
+                    return
                 except TeacherError as exc:
                     if not isinstance(exc, TEACHER_FATAL):
                         self._record_failure(p, exc, acc)
+                        return
+                    self.journal.clear_inflight(key)  # not the row's fault: a fallback or a rerun answers it
+                    if not self.stopping:
+                        handed_off = await self._reroute(p, est_tokens, est_usd)
                     return
                 self._account(rt, req, reply, est_tokens, acc)
                 if reply.finish_reason == "content_filter":
@@ -306,10 +325,11 @@ class Collector:
                 params = params.model_copy(update={"max_tokens": params.max_tokens * 2})
             self._record_ok(p, reply, params, acc)
         finally:
-            self.budget.release(est_usd, est_tokens)
+            if not handed_off:
+                self.budget.release(est_usd, est_tokens)
             self._inflight_keys.discard(key)
 
-    async def _chat_with_retries(self, rt: TeacherRuntime, req: Request, params, est_tokens: int, acc: _Accum):
+    async def _chat_with_retries(self, rt: TeacherRuntime, req: Request, params, est_tokens: int, acc: Accum):
         """One logical request: tenacity drives attempts by error class; every attempt goes through the limiter
         (the first was admitted by the dispatcher) and feeds it back."""
         async for attempt in self.policy.retrying():
@@ -328,7 +348,7 @@ class Collector:
                     raise
         raise AssertionError("unreachable: tenacity reraises the last error")
 
-    def _account(self, rt: TeacherRuntime, req: Request, reply, est_tokens: int, acc: _Accum) -> None:
+    def _account(self, rt: TeacherRuntime, req: Request, reply, est_tokens: int, acc: Accum) -> None:
         used = reply.usage.total_tokens
         rt.limiter.on_success(est_tokens, used, reply.rate, reply.latency_s)
         rt.ok += 1
@@ -339,14 +359,12 @@ class Collector:
         self.budget.spend(cost, used, 1)
 
     def _on_error(self, rt: TeacherRuntime, exc: TeacherError, est_tokens: int) -> None:
-        from imitate.teacher.reply import RateLimitState
-
         if isinstance(exc, RateLimited):
             rt.throttled += 1
             self.stats.throttled += 1
             rt.limiter.on_rate_limited(est_tokens, RateLimitState(retry_after_s=exc.retry_after))
         else:
-            rt.limiter.on_failure(est_tokens)
+            rt.limiter.on_failure(est_tokens, overloaded=isinstance(exc, ServerError | NetworkError))
         self.budget.spend(0.0, 0, 1)
         if isinstance(exc, TEACHER_FATAL):
             self._retire(rt, exc)
@@ -359,59 +377,52 @@ class Collector:
         ):
             self.stop(f"teacher {rt.cfg.name!r} stopped ({rt.dead}); no teacher left to send to")
 
-    def _provenance(self, p: Planned, params, acc: _Accum, reply=None) -> Provenance:
-        req = p.request
-        return Provenance(
-            teacher=req.teacher,
-            model=req.model,
-            base_url=req.base_url,
-            request_key=req.key(),
-            system_prompt_id=req.system_prompt_id,
-            system_prompt_sha256=req.system_prompt_sha256,
-            params=params,
-            sample_index=req.sample_index,
-            usage=acc.usage,
-            cost_usd=round(acc.cost, 10),
-            finish_reason=reply.finish_reason if reply else None,
-            attempts=acc.attempts,
-            latency_s=round(reply.latency_s, 6) if reply else 0.0,
-            request_id=reply.request_id if reply else None,
-            created_at=round(time.time(), 3),
-            imitate_version=__version__,
-        )
-
-    @staticmethod
-    def _record_id(q: Query, req: Request) -> str:
-        return f"{q.id}/{req.teacher}/{req.sample_index}"
-
-    def _record_ok(self, p: Planned, reply, params, acc: _Accum) -> None:
-        truncated = reply.finish_reason == "length"
-        record = Record(
-            id=self._record_id(p.query, p.request),
-            query=p.query,
-            messages=p.request.messages,
-            response=reply.text,
-            truncated=truncated,
-            provenance=self._provenance(p, params, acc, reply),
-        )
+    def _record_ok(self, p: Planned, reply, params, acc: Accum) -> None:
+        record = build_record(p, acc, params=params, reply=reply)
         self.journal.append(record)
         self.stats.ok += 1
-        self.stats.truncated += truncated
+        self.stats.truncated += record.truncated
         self.stats.tokens += acc.usage.total_tokens
         self.stats.spend_usd += acc.cost
 
-    def _record_failure(self, p: Planned, exc: TeacherError, acc: _Accum, reply=None) -> None:
-        record = Record(
-            id=self._record_id(p.query, p.request),
-            query=p.query,
-            messages=p.request.messages,
-            status="failed",
-            error_class=type(exc).__name__,
-            error_message=exc.message[:500],
-            provenance=self._provenance(p, p.request.params, acc, reply),
-        )
-        self.journal.append(record)
+    def _record_failure(self, p: Planned, exc: TeacherError, acc: Accum, reply=None) -> None:
+        self.journal.append(build_record(p, acc, params=p.request.params, reply=reply, error=exc))
         self.stats.failed += 1
         self.stats.failed_by_class[type(exc).__name__] += 1
         self.stats.tokens += acc.usage.total_tokens
         self.stats.spend_usd += acc.cost
+
+
+def build_record(
+    p: Planned, acc: Accum, *, params: GenerationParams, reply: Reply | None = None, error: TeacherError | None = None
+) -> Record:
+    """The one place a harvested row becomes a Record (online and batch mode alike)."""
+    req = p.request
+    prov = Provenance(
+        teacher=req.teacher,
+        model=req.model,
+        base_url=req.base_url,
+        request_key=req.key(),
+        system_prompt_id=req.system_prompt_id,
+        system_prompt_sha256=req.system_prompt_sha256,
+        params=params,
+        sample_index=req.sample_index,
+        usage=acc.usage,
+        cost_usd=round(acc.cost, 10),
+        finish_reason=reply.finish_reason if reply else None,
+        attempts=acc.attempts,
+        latency_s=round(reply.latency_s, 6) if reply else 0.0,
+        request_id=reply.request_id if reply else None,
+        created_at=round(time.time(), 3),
+        imitate_version=__version__,
+    )
+    common = {"id": f"{p.query.id}/{req.teacher}/{req.sample_index}", "query": p.query, "messages": req.messages}
+    if error is not None:
+        return Record(
+            **common,
+            status="failed",
+            error_class=type(error).__name__,
+            error_message=error.message[:500],
+            provenance=prov,
+        )
+    return Record(**common, response=reply.text, truncated=reply.finish_reason == "length", provenance=prov)

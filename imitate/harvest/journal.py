@@ -189,6 +189,11 @@ class Journal:
         self._begin()
         self.db.execute("INSERT OR IGNORE INTO inflight VALUES (?)", (bytes.fromhex(key),))
 
+    def clear_inflight(self, key: str) -> None:
+        """The request was given up without being answered (e.g. quota): it is pending, not lost in a crash."""
+        self._begin()
+        self.db.execute("DELETE FROM inflight WHERE key=?", (bytes.fromhex(key),))
+
     def _file(self, name: str) -> IO[bytes]:
         f = self._files.get(name)
         if f is None:

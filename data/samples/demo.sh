@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# make demo — the offline end-to-end demo: fake teacher → harvest (Orca presets, live view) → status → records.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
+PORT=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+OUT=data/runs/demo
+rm -rf "$OUT"
+
+echo "== 1. a loopback OpenAI-compatible teacher on port $PORT (600 RPM, 3% 429s, 5% 500s injected)"
+imitate fake-teacher --port "$PORT" --rpm 600 --tpm 200000 --latency 0.15 --faults 500=0.05,429=0.03 &
+FAKE=$!
+trap 'kill $FAKE 2>/dev/null || true' EXIT
+python - "$PORT" <<'PY'
+import socket, sys, time
+for _ in range(100):
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=0.2).close(); break
+    except OSError:
+        time.sleep(0.1)
+PY
+
+echo "== 2. harvest the sample queries with Orca system messages chosen per collection"
+imitate harvest data/samples/queries.jsonl --out "$OUT" --config data/samples/demo.config.yaml \
+  --base-url "http://127.0.0.1:$PORT/v1"
+
+echo "== 3. rerun the same command: everything is journaled, nothing is paid twice"
+imitate harvest data/samples/queries.jsonl --out "$OUT" --config data/samples/demo.config.yaml \
+  --base-url "http://127.0.0.1:$PORT/v1" --quiet
+
+echo "== 4. status"
+imitate harvest status "$OUT"
+
+echo "== 5. three harvested records"
+python - "$OUT" <<'PY'
+import sys, pathlib
+from imitate.records import read_jsonl
+out = pathlib.Path(sys.argv[1])
+rows = [r for shard in sorted(out.glob("shard-*.jsonl")) for r in read_jsonl(shard)]
+for r in rows[:3]:
+    p = r.provenance
+    print(f"--- {r.id}  [{r.query.collection}] system={p.system_prompt_id} attempts={p.attempts} "
+          f"tokens={p.usage.total_tokens} cost=${p.cost_usd:.6f}")
+    print("Q:", r.query.question)
+    print("A:", (r.response or "")[:300])
+PY

@@ -1,0 +1,208 @@
+"""The harvester end to end against the loopback fake teacher, in-process: every fault class becomes the right
+record, resume never pays twice, budgets stop the run, several teachers route and fall back, batch mode."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imitate.config import load_config
+from imitate.errors import BudgetExhausted, TeacherError
+from imitate.harvest.batch import harvest_batch
+from imitate.harvest.run import dry_run, harvest, status
+from imitate.records import read_jsonl
+from imitate.teacher.fake import FakeTeacher
+
+pytestmark = pytest.mark.integration
+
+
+def write_queries(path: Path, questions: list[str], collection: str = "flan") -> Path:
+    with open(path, "w") as f:
+        for i, q in enumerate(questions):
+            f.write(json.dumps({"id": f"r{i}", "question": q, "collection": collection}) + "\n")
+    return path
+
+
+def rows(out: Path) -> list:
+    out_rows = [r for s in sorted(out.glob("shard-*.jsonl")) for r in read_jsonl(s)]
+    if (out / "failures.jsonl").exists():
+        out_rows += list(read_jsonl(out / "failures.jsonl"))
+    return out_rows
+
+
+def cfg_for(base_url: str, *extra: str):
+    return load_config(
+        None,
+        [
+            f"harvest.teachers.0.base_url={base_url}",
+            "harvest.teachers.0.name=fake",
+            "harvest.retry.base_delay_s=0.01",
+            "harvest.retry.max_delay_s=0.05",
+            "harvest.retry.max_attempts=4",
+            "harvest.teachers.0.timeout_s=2",
+            "harvest.params.max_tokens=200",
+            "harvest.fsync_every=4",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture
+async def fake():
+    async with FakeTeacher(retry_after_s=0.02) as server:
+        yield server
+
+
+async def test_every_fault_class_becomes_the_right_row(fake, tmp_path: Path):
+    questions = {
+        "plain": "Why is the sea salty?",
+        "500x2": "Explain rain. [[fault:500x2]]",
+        "429x2": "Explain snow. [[fault:429x2]]",
+        "resetx1": "Explain wind. [[fault:resetx1]]",
+        "malformedx1": "Explain hail. [[fault:malformedx1]]",
+        "emptyx1": "Explain fog. [[fault:emptyx1]]",
+        "context": "Explain clouds. [[fault:context]]",
+        "filter": "Explain storms. [[fault:filter]]",
+        "policy": "Explain thunder. [[fault:policy]]",
+        "length": "Explain lightning. [[fault:length]]",
+        "502": "Explain dew. [[fault:502]]",
+    }
+    src = write_queries(tmp_path / "q.jsonl", list(questions.values()))
+    out = tmp_path / "out"
+    outcome = await harvest(cfg_for(fake.base_url), str(src), out, progress="quiet")
+    assert outcome.error is None, outcome.manifest
+    by_q = {r.query.question: r for r in rows(out)}
+    assert len(by_q) == len(questions)
+
+    def get(name):
+        return by_q[questions[name]]
+
+    assert get("plain").status == "ok" and get("plain").provenance.attempts == 1
+    for name, attempts in [("500x2", 3), ("429x2", 3), ("resetx1", 2), ("malformedx1", 2), ("emptyx1", 2)]:
+        r = get(name)
+        assert r.status == "ok" and r.provenance.attempts == attempts, (name, r)
+    for name, cls, attempts in [
+        ("context", "ContextTooLong", 1),
+        ("filter", "ContentFiltered", 1),
+        ("policy", "ContentFiltered", 1),
+        ("502", "ServerError", 4),
+    ]:
+        r = get(name)
+        assert (r.status, r.error_class, r.provenance.attempts) == ("failed", cls, attempts), (name, r)
+    assert get("length").status == "ok" and get("length").truncated
+    m = outcome.manifest
+    assert m["status"] == "complete"
+    assert m["totals"]["ok"] == 7 and m["totals"]["failed"] == 4
+    assert m["this_run"]["requests"] == sum(r.provenance.attempts for r in by_q.values())
+
+
+async def test_resume_never_pays_twice_and_changed_prompt_is_a_miss(fake, tmp_path: Path):
+    src = write_queries(tmp_path / "q.jsonl", [f"Question number {i}?" for i in range(30)])
+    out = tmp_path / "out"
+    first = await harvest(cfg_for(fake.base_url), str(src), out, progress="quiet")
+    assert first.manifest["this_run"]["ok"] == 30
+    served = fake.stats()["completed"]
+    again = await harvest(cfg_for(fake.base_url), str(src), out, progress="quiet")
+    assert again.manifest["this_run"]["requests"] == 0 and again.manifest["this_run"]["skipped_done"] == 30
+    assert fake.stats()["completed"] == served  # not one request sent
+    changed = await harvest(cfg_for(fake.base_url, "harvest.preset=orca-t0"), str(src), out, progress="quiet")
+    assert changed.manifest["this_run"]["ok"] == 30  # other system messages: other requests
+    assert len(rows(out)) == 60
+    st = status(out)
+    assert (st["done"], st["failed"], st["pending"]) == (60, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "limit_name"),
+    [("max_requests", "7", "max_requests"), ("max_tokens", "3000", "max_tokens"), ("max_usd", "0.002", "max_usd")],
+)
+async def test_each_budget_stops_the_run(fake, tmp_path: Path, flag: str, value: str, limit_name: str):
+    src = write_queries(tmp_path / "q.jsonl", [f"Tell me about topic {i}." for i in range(40)])
+    out = tmp_path / "out"
+    cfg = cfg_for(
+        fake.base_url,
+        f"harvest.budget.{flag}={value}",
+        "prices.fake-teacher.input_per_mtok=1",
+        "prices.fake-teacher.output_per_mtok=2",
+    )
+    outcome = await harvest(cfg, str(src), out, progress="quiet")
+    assert isinstance(outcome.error, BudgetExhausted)
+    assert limit_name in outcome.manifest["stop_reason"]
+    t = outcome.manifest["totals"]
+    assert 0 < t["ok"] < 40 and outcome.manifest["status"] == "partial"
+    if flag == "max_requests":
+        assert outcome.manifest["this_run"]["requests"] <= 7
+    if flag == "max_tokens":
+        assert t["tokens"] <= 3000
+    if flag == "max_usd":
+        assert t["spend_usd"] <= 0.002
+    assert t["spend_usd"] == pytest.approx(sum(r.provenance.cost_usd for r in rows(out)))
+
+
+async def test_quota_retires_the_teacher_and_fallback_takes_over(tmp_path: Path):
+    async with FakeTeacher(faults={"quota": 1.0}) as broke, FakeTeacher(model="backup") as backup:
+        src = write_queries(tmp_path / "q.jsonl", [f"Question {i}?" for i in range(20)])
+        out = tmp_path / "out"
+        alone = await harvest(cfg_for(broke.base_url), str(src), out, progress="quiet")
+        assert isinstance(alone.error, TeacherError) and "no teacher left" in alone.manifest["stop_reason"]
+        assert alone.manifest["totals"]["failed"] == 0  # a quota error is not the row's fault: it stays pending
+        assert alone.manifest["this_run"]["resent_after_crash"] == 0
+        cfg = cfg_for(
+            broke.base_url,
+            f"harvest.teachers.1.base_url={backup.base_url}",
+            "harvest.teachers.1.name=backup",
+            "harvest.teachers.1.model=backup",
+            "harvest.teachers.1.fallback=true",
+        )
+        outcome = await harvest(cfg, str(src), out, progress="quiet")
+        assert outcome.manifest["teachers"]["fake"]["dead"].startswith("QuotaExhausted")
+        got = rows(out)
+        assert len(got) == 20 and {r.provenance.teacher for r in got} == {"backup"}
+        assert outcome.error is None and outcome.manifest["status"] == "complete"
+        assert outcome.manifest["this_run"]["resent_after_crash"] == 0
+
+
+async def test_subset_routing_and_samples(tmp_path: Path):
+    async with FakeTeacher() as a, FakeTeacher(model="big") as b:
+        src = write_queries(tmp_path / "q.jsonl", [f"Q{i}: why?" for i in range(40)])
+        cfg = cfg_for(
+            a.base_url,
+            "harvest.samples_per_prompt=2",
+            f"harvest.teachers.1.base_url={b.base_url}",
+            "harvest.teachers.1.name=big",
+            "harvest.teachers.1.model=big",
+            "harvest.teachers.1.subset_fraction=0.25",
+        )
+        outcome = await harvest(cfg, str(src), tmp_path / "out", progress="quiet")
+        got = rows(tmp_path / "out")
+        n_big = sum(r.provenance.teacher == "big" for r in got)
+        assert sum(r.provenance.teacher == "fake" for r in got) == 80
+        assert n_big % 2 == 0 and 4 <= n_big <= 40
+        assert outcome.manifest["status"] == "complete"
+
+
+async def test_dry_run_sends_nothing(fake, tmp_path: Path):
+    src = write_queries(tmp_path / "q.jsonl", [f"Q{i}?" for i in range(12)])
+    cfg = cfg_for(fake.base_url, "harvest.teachers.0.rpm=6", "prices.fake-teacher.input_per_mtok=1")
+    plan = dry_run(cfg, str(src), None)
+    assert plan["requests"] == 12
+    assert plan["teachers"]["fake"]["est_minutes_at_limits"] == 2.0
+    assert plan["teachers"]["fake"]["est_usd_upper_bound"] > 0
+    assert fake.stats()["requests"] == 0
+
+
+async def test_batch_mode_end_to_end_resubmits_only_failures(fake, tmp_path: Path):
+    questions = [f"Batch question {i}?" for i in range(9)] + ["Flaky [[fault:500x1]]", "Bad [[fault:context]]"]
+    src = write_queries(tmp_path / "q.jsonl", questions)
+    out = tmp_path / "out"
+    outcome = await harvest_batch(cfg_for(fake.base_url), str(src), out, poll_s=0.02)
+    got = {r.query.question: r for r in rows(out)}
+    assert len(got) == 11
+    assert got["Flaky [[fault:500x1]]"].status == "ok" and got["Flaky [[fault:500x1]]"].provenance.attempts == 2
+    assert got["Bad [[fault:context]]"].error_class == "ContextTooLong"
+    assert outcome.manifest["status"] == "complete"
+    batches = outcome.manifest["batches"]
+    assert len(batches) == 2 and [b["round"] for b in batches] == [0, 1]
+    assert fake.stats()["batch_lines"] == 12  # 11 rows + 1 resubmitted: nothing else paid twice
+    again = await harvest_batch(cfg_for(fake.base_url), str(src), out, poll_s=0.02)
+    assert again.manifest["this_run"]["submitted"] == 0 and fake.stats()["batch_lines"] == 12
