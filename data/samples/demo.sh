@@ -7,8 +7,8 @@ PORT=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); pr
 OUT=data/runs/demo
 rm -rf "$OUT"
 
-echo "== 1. a loopback OpenAI-compatible teacher on port $PORT (600 RPM, 3% 429s, 5% 500s injected)"
-imitate fake-teacher --port "$PORT" --rpm 600 --tpm 200000 --latency 0.15 --faults 500=0.05,429=0.03 &
+echo "== 1. a loopback OpenAI-compatible teacher on port $PORT (600 RPM, 5% 429s and 10% 500s injected)"
+imitate fake-teacher --port "$PORT" --rpm 600 --tpm 200000 --latency 0.15 --faults 500=0.1,429=0.05 &
 FAKE=$!
 trap 'kill $FAKE 2>/dev/null || true' EXIT
 python - "$PORT" <<'PY'
