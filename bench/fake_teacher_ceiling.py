@@ -1,0 +1,149 @@
+"""How many chat completions per second the fake teacher can serve on this machine.
+
+    .venv/bin/python bench/fake_teacher_ceiling.py [--seconds 5] [--concurrency 64]
+
+The server runs in its own process (`FakeTeacherServer(process=True)`), so the load generator does not share
+its GIL. Three load generators, each run alone for the same duration with varied prompts and keep-alive:
+
+- raw:     pre-encoded HTTP/1.1 requests over plain asyncio sockets, the cheapest possible client, so the
+           number is the server's ceiling;
+- httpx2:  httpx2.AsyncClient posting JSON, what a lean raw path in the client would cost;
+- sdk:     imitate.teacher.client.TeacherClient (openai SDK, raw-response API), what the harvester pays today.
+
+The machine may be shared: "req/s per server core" (rate / server CPU share) is the number that survives noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import httpx2
+
+from imitate.records import GenerationParams, Message
+from imitate.teacher.client import TeacherClient
+from imitate.teacher.fake import FakeTeacherServer
+
+
+def _body(i: int) -> dict:
+    question = f"Question {i}: why does the number {i} matter for arithmetic and for counting things?"
+    return {"model": "fake-teacher", "messages": [{"role": "user", "content": question}], "max_tokens": 256}
+
+
+async def _drive(seconds: float, concurrency: int, one_request) -> float:
+    """Run `concurrency` loops calling `one_request(i)` for `seconds`; returns completed requests per second."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal done
+        i = w
+        while time.perf_counter() < deadline:
+            await one_request(i)
+            done += 1
+            i += concurrency
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return done / (time.perf_counter() - start)
+
+
+async def raw_client(host: str, port: int, seconds: float, concurrency: int) -> float:
+    def request(i: int) -> bytes:
+        payload = json.dumps(_body(i)).encode()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(payload)}\r\n\r\n"
+        )
+        return head.encode() + payload
+
+    prepared = [request(i) for i in range(4096)]
+    conns = [await asyncio.open_connection(host, port) for _ in range(concurrency)]
+    slots = asyncio.Queue()
+    for conn in conns:
+        slots.put_nowait(conn)
+
+    async def one(i: int) -> None:
+        reader, writer = await slots.get()
+        writer.write(prepared[i % len(prepared)])
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+        if not head.startswith(b"HTTP/1.1 200") or not body:
+            raise RuntimeError(head.decode())
+        slots.put_nowait((reader, writer))
+
+    rate = await _drive(seconds, concurrency, one)
+    for _, writer in conns:
+        writer.close()
+    return rate
+
+
+async def httpx_client(base_url: str, seconds: float, concurrency: int) -> float:
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx2.AsyncClient(base_url=base_url, limits=limits, timeout=30) as http:
+
+        async def one(i: int) -> None:
+            response = await http.post("/chat/completions", json=_body(i))
+            response.raise_for_status()
+            response.json()
+
+        return await _drive(seconds, concurrency, one)
+
+
+async def sdk_client(base_url: str, seconds: float, concurrency: int) -> float:
+    params = GenerationParams(max_tokens=256)
+    async with TeacherClient(base_url, timeout=30, max_connections=concurrency) as client:
+
+        async def one(i: int) -> None:
+            messages = [Message(role="user", content=_body(i)["messages"][0]["content"])]
+            await client.chat(messages, model="fake-teacher", params=params)
+
+        return await _drive(seconds, concurrency, one)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc; 0.0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    print(f"fake teacher ceiling: {os.cpu_count()} cpus, {args.concurrency} keep-alive connections, "
+          f"{args.seconds:g}s per client, server in its own process")  # fmt: skip
+    with FakeTeacherServer(process=True) as server:
+        host, port = server.base_url.split("//")[1].split("/")[0].split(":")
+        clients = {
+            "raw": lambda: raw_client(host, int(port), args.seconds, args.concurrency),
+            "httpx2": lambda: httpx_client(server.base_url, args.seconds, args.concurrency),
+            "sdk": lambda: sdk_client(server.base_url, args.seconds, args.concurrency),
+        }
+        for name, client in clients.items():
+            server_cpu, client_cpu, wall = _cpu_seconds(server.pid), time.process_time(), time.perf_counter()
+            rate = asyncio.run(client())
+            wall = time.perf_counter() - wall
+            server_busy = (_cpu_seconds(server.pid) - server_cpu) / wall
+            client_busy = (time.process_time() - client_cpu) / wall
+            per_core = rate / server_busy if server_busy else float("nan")
+            print(
+                f"  {name:7s} {rate:6.0f} req/s   server cpu {server_busy:4.0%} ({per_core:5.0f} req/s per server core)"
+                f"   client cpu {client_busy:4.0%}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""The pure per-teacher rate limiter: token buckets, a closed loop on rate-limit headers, AIMD concurrency and
+a learned pace for servers that say nothing. No asyncio, no sleeping: the clock is injected and every method
+returns at once, so it is unit-tested with a fake clock and driven by the async collector like this:
+
+    est = estimate_tokens(messages, max_tokens)
+    while (wait := limiter.try_acquire(est)) > 0:   # 0.0 = admitted: a slot and the budget are reserved
+        await sleep(min(wait, 1.0))                    # also fine to retry early, e.g. after a completion
+    ...send...
+    limiter.on_success(est, usage.total_tokens, reply.rate, reply.latency_s)     # 200
+    limiter.on_rate_limited(est, rate, latency_s=...)                            # 429 (throttling)
+    limiter.on_failure(est, overloaded=...)                                      # anything else
+
+Every admitted request must be answered by exactly one `on_*` call (it frees the slot).
+
+How it decides:
+- Buckets. `rpm`/`tpm` (configured, or learned from `x-ratelimit-limit-*`; the lower wins) are token buckets
+  whose capacity is the per-minute limit, refilled continuously. A request reserves 1 request and its estimated
+  tokens (prompt estimate + max_tokens: what OpenAI counts against TPM at admission).
+- Reconciliation. On success the token bucket is credited `est - used` (refund of unused max_tokens, or a
+  charge when the prompt was underestimated). Servers that do not refund are caught by the header loop.
+- Header loop. A response's `remaining-*` is the server's bucket when it admitted that request, which we take
+  to be when we sent it (`now - latency`). The server's bucket now is `remaining + refill since then - cost of
+  everything we admitted after that moment` (each admission counted once: before the snapshot it is inside
+  `remaining`, after it is subtracted). When that is below our bucket, we trust the server and lower ours;
+  we never raise ours from headers (a refund the server made but we cannot see would otherwise be counted
+  twice). Reconciliation and this loop together converge on the server's view.
+- AIMD concurrency. Start at `initial_concurrency` and slow-start (+1 per success, doubling per round trip)
+  until the first 429, then additive increase (+1/cwnd per success). A 429 multiplies the limit by 0.7, at
+  most once per round trip: only a 429 for a request sent after the previous cut counts. Bounded by
+  [1, max_concurrency]. Growth stops while per-token latency is far above its floor (a queueing server) or
+  while the slots are not in use.
+- Retry-After pauses the whole teacher until now + retry_after (every `try_acquire` waits), not one task.
+- Learned pace. When a 429 arrives and no server-confirmed limit explains it (no headers, or limits configured
+  wrong), a request pace is learned: 0.85 x the lower of the current pace and the recent send rate, growing 2 %
+  per second of successes. The server's own bucket (a minute deep) absorbs the sawtooth, so the pace costs
+  almost no throughput while keeping 429s rare.
+- Failures (5xx, timeouts, 4xx): the slot is freed, the budget is not refunded (the server has most likely
+  counted the attempt; OpenAI counts rejected requests too), and `overloaded=True` (5xx/timeouts) cuts the
+  concurrency by 10 % once per round trip. A 429 is not refunded either.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from imitate.teacher.reply import RateLimitState
+
+CONCURRENCY_CUT = 0.7  # multiplicative decrease of the concurrency limit on a 429
+OVERLOAD_CUT = 0.9  # ... and on a 5xx / timeout reported as overload
+PACE_CUT = 0.85  # learned pace: multiplicative decrease on a 429 ...
+MIN_SAMPLE = 4  # requests between two 429s needed to estimate the server's rate from them
+PACE_GROWTH_PER_S = 0.02  # learned pace: relative growth per second (at full pace) ...
+PACE_GROWTH_PER_OK = 0.005  # ... but at most this much per success
+STARTUP_GAIN = 2.0  # with nothing known, slow start sends at most this multiple of the current throughput
+PACE_BURST_S = 1.0  # the pace bucket holds this many seconds of requests
+LATENCY_TOLERANCE = 4.0  # concurrency stops growing above this multiple of the per-token latency floor
+HISTORY_S = 60.0  # admissions kept at least this long (utilisation, header loop)
+_EPS = 1e-9
+
+
+def estimate_tokens(messages: Iterable[Any], max_tokens: int) -> int:
+    """What a request counts against TPM: ~4 UTF-8 bytes per prompt token, a few tokens of chat framing per
+    message, plus every completion token it may use. Messages are `Message`s or `{"role", "content"}` dicts."""
+    prompt = 3
+    for m in messages:
+        content = m["content"] if isinstance(m, Mapping) else m.content
+        prompt += 4 + math.ceil(len(content.encode("utf-8")) / 4)
+    return prompt + max(0, max_tokens)
+
+
+class _Bucket:
+    """A token bucket refilled continuously at `rate` per second; the level may go negative (debt)."""
+
+    __slots__ = ("capacity", "level", "rate", "stamp")
+
+    def __init__(self, capacity: float, rate: float, now: float, level: float | None = None):
+        self.capacity, self.rate, self.stamp = float(capacity), float(rate), now
+        self.level = self.capacity if level is None else min(level, self.capacity)
+
+    @classmethod
+    def per_minute(cls, limit: float, now: float) -> _Bucket:
+        """OpenAI's model of a limit: a minute's worth of capacity, refilled evenly."""
+        return cls(limit, limit / 60.0, now)
+
+    def refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def wait(self, cost: float, held: float = 0.0) -> float:
+        need = min(cost + held, self.capacity)  # a request bigger than the bucket waits for a full one
+        short = need - self.level
+        return 0.0 if short <= _EPS * max(1.0, need) else short / self.rate
+
+    def resize(self, capacity: float, rate: float) -> None:
+        self.capacity, self.rate = float(capacity), float(rate)
+        self.level = min(self.level, self.capacity)
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        *,
+        rpm: int | None,
+        tpm: int | None,
+        max_concurrency: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+        initial_concurrency: int = 8,
+        refund_unused: bool = True,
+    ):
+        self._clock = clock
+        now = clock()
+        self._cfg = {"requests": rpm, "tokens": tpm}
+        self._buckets: dict[str, _Bucket | None] = {
+            "requests": _Bucket.per_minute(rpm, now) if rpm else None,
+            "tokens": _Bucket.per_minute(tpm, now) if tpm else None,
+        }
+        self._confirmed = False  # a limit header has been seen
+        self._answered = False  # any response yet (until then half of a configured bucket is held back)
+        self.max_concurrency = max(1, max_concurrency)
+        configured = bool(rpm or tpm)
+        start = self.max_concurrency if configured else min(self.max_concurrency, max(1, initial_concurrency))
+        self._cwnd = float(start)
+        self._ssthresh = float(self.max_concurrency)
+        self._refund = refund_unused
+        self._in_flight = 0
+        self._in_flight_tokens = 0.0
+        self._paused_until = -math.inf
+        self._last_cut = -math.inf
+        self._pace: _Bucket | None = None
+        self._startup_next = -math.inf
+        # admissions: times and cumulative tokens (a list with a moving start, for bisect)
+        self._adm_t: list[float] = []
+        self._adm_cum: list[float] = []
+        self._adm_start = 0
+        self._adm_tokens = 0.0
+        self._oks: deque[float] = deque()
+        self._latency: float | None = None
+        self._limited_since_cut = 0
+        self._per_token: float | None = None
+        self._per_token_floor = math.inf
+        self._max_latency = 0.0
+        self.counts = {"admitted": 0, "ok": 0, "rate_limited": 0, "failed": 0, "cuts": 0}
+
+    # ------------------------------------------------------------------------------------------ state
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def concurrency_limit(self) -> int:
+        return int(self._cwnd)
+
+    @property
+    def paused_until(self) -> float:
+        return self._paused_until
+
+    @property
+    def pace_rpm(self) -> float | None:
+        return self._pace.rate * 60.0 if self._pace else None
+
+    def limit(self, kind: str) -> float | None:
+        """The per-minute limit in force for 'requests' or 'tokens' (None: unknown)."""
+        b = self._buckets[kind]
+        return b.capacity if b else None
+
+    # ------------------------------------------------------------------------------------------ admission
+
+    def _gates(self, est_tokens: int) -> list[tuple[_Bucket, float, float]]:
+        """(bucket, cost, held back): before any answer, half of a configured bucket is held back, so a limit
+        configured up to 2x too high cannot burst past the server before its headers correct us."""
+        out = []
+        for kind, cost in (("requests", 1.0), ("tokens", float(est_tokens))):
+            b = self._buckets[kind]
+            if b is not None:
+                out.append((b, cost, 0.0 if self._answered else b.capacity / 2))
+        return out + ([(self._pace, 1.0, 0.0)] if self._pace is not None else [])
+
+    def _startup_rate(self) -> float | None:
+        """With nothing known, slow start is paced at twice the current throughput, so the first 429s come
+        back before a whole round trip's burst has been sent."""
+        if self._pace or self._latency is None or any(self._buckets.values()) or self._cwnd >= self._ssthresh:
+            return None
+        return STARTUP_GAIN * self._cwnd / max(self._latency, 1e-3)
+
+    def try_acquire(self, est_tokens: int) -> float:
+        """0.0: admitted (slot and budget reserved). Otherwise seconds to wait before asking again; when only a
+        slot is missing the value is a short hint and asking again after any completion is better."""
+        now = self._clock()
+        if now < self._paused_until:
+            return self._paused_until - now
+        if self._in_flight >= int(self._cwnd):
+            return min(0.25, max(0.001, (self._latency or 0.01) / max(1.0, self._cwnd)))
+        startup = self._startup_rate()
+        wait = max(0.0, self._startup_next - now) if startup else 0.0
+        gates = self._gates(est_tokens)
+        for bucket, cost, held in gates:
+            bucket.refill(now)
+            wait = max(wait, bucket.wait(cost, held))
+        if wait > 0:
+            return wait
+        for bucket, cost, _ in gates:
+            bucket.level -= cost
+        if startup:
+            self._startup_next = max(self._startup_next, now) + 1.0 / startup
+        self._in_flight += 1
+        self._in_flight_tokens += est_tokens
+        self.counts["admitted"] += 1
+        self._log_admission(now, est_tokens)
+        return 0.0
+
+    def _log_admission(self, now: float, tokens: float) -> None:
+        self._adm_tokens += tokens
+        self._adm_t.append(now)
+        self._adm_cum.append(self._adm_tokens)
+        horizon = now - max(HISTORY_S, 2.0 * self._max_latency)
+        while self._adm_start < len(self._adm_t) and self._adm_t[self._adm_start] < horizon:
+            self._adm_start += 1
+        if self._adm_start > 4096 and self._adm_start * 2 > len(self._adm_t):
+            del self._adm_t[: self._adm_start], self._adm_cum[: self._adm_start]
+            self._adm_start = 0
+
+    def _admitted_since(self, t: float) -> tuple[int, float]:
+        """(requests, tokens) admitted strictly after time t (within the kept history)."""
+        i = bisect_right(self._adm_t, t, lo=self._adm_start)
+        n = len(self._adm_t) - i
+        before = self._adm_cum[i - 1] if i > 0 else 0.0
+        return n, self._adm_tokens - before
+
+    # ------------------------------------------------------------------------------------------ outcomes
+
+    def on_success(self, est_tokens: int, used_tokens: int, rate: RateLimitState, latency_s: float) -> None:
+        now = self._clock()
+        self._release(est_tokens)
+        self.counts["ok"] += 1
+        tok = self._buckets["tokens"]
+        if tok is not None and (self._refund or used_tokens > est_tokens):
+            tok.refill(now)
+            tok.level = min(tok.capacity, tok.level + est_tokens - used_tokens)
+        self._observe(rate, now, latency_s)
+        self._note_latency(now, latency_s, used_tokens)
+        self._grow()
+
+    def on_rate_limited(self, est_tokens: int, rate: RateLimitState, latency_s: float | None = None) -> None:
+        """A 429. `latency_s` (of this attempt) lets repeated 429s from one burst count as one signal."""
+        now = self._clock()
+        self._release(est_tokens)
+        self.counts["rate_limited"] += 1
+        self._observe(rate, now, latency_s or 0.0)
+        if rate.retry_after_s:
+            self._paused_until = max(self._paused_until, now + rate.retry_after_s)
+        if latency_s is None or now - latency_s >= self._last_cut:
+            self._limited_since_cut += 1
+        sent_at = now - (latency_s or 0.0)
+        if not self._new_signal(now, latency_s):
+            return
+        since, limited = self._last_cut, self._limited_since_cut
+        self._cut(now, CONCURRENCY_CUT)
+        if not (rate.has_limits or self._confirmed):
+            self._learn_pace(now, self._accepted_rate(since, sent_at, limited))
+        if self._pace is not None:  # a rate limit is the pace's job: keep enough slots to follow it
+            self._cwnd = max(
+                self._cwnd, min(self._cwnd / CONCURRENCY_CUT, 1.5 * self._pace.rate * (self._latency or 0))
+            )
+        self._ssthresh = self._cwnd  # slow start is over once a limit has been hit
+
+    def on_failure(self, est_tokens: int, *, overloaded: bool = False) -> None:
+        """Any other error. The budget stays spent (the server most likely counted the attempt)."""
+        now = self._clock()
+        self._release(est_tokens)
+        self.counts["failed"] += 1
+        if overloaded and self._new_signal(now, None):
+            self._cut(now, OVERLOAD_CUT)
+
+    def _release(self, est_tokens: int) -> None:
+        self._in_flight = max(0, self._in_flight - 1)
+        self._in_flight_tokens = max(0.0, self._in_flight_tokens - est_tokens)
+        self._answered = True
+
+    def _new_signal(self, now: float, latency_s: float | None) -> bool:
+        """One decrease per round trip: a signal counts if its request left after the last cut (or, without a
+        latency, if a typical round trip has passed since the cut)."""
+        if latency_s is not None:
+            return now - latency_s >= self._last_cut
+        return now - self._last_cut >= (self._latency or 1.0)
+
+    def _cut(self, now: float, factor: float) -> None:
+        self._last_cut = now
+        self._limited_since_cut = 0
+        self.counts["cuts"] += 1
+        self._cwnd = max(1.0, self._cwnd * factor)
+
+    def _grow(self) -> None:
+        if self._pace is not None:
+            # relative growth per success: PACE_GROWTH_PER_S per second at speed, but never faster than
+            # PACE_GROWTH_PER_OK per success, so a slow server still sees many requests per 429
+            rate = self._pace.rate * (1.0 + min(PACE_GROWTH_PER_OK, PACE_GROWTH_PER_S / self._pace.rate))
+            self._pace.resize(max(1.0, rate * PACE_BURST_S), rate)
+        inflated = self._per_token is not None and self._per_token > LATENCY_TOLERANCE * self._per_token_floor
+        if inflated or self._in_flight + 1 < self._cwnd / 2:
+            return
+        step = 1.0 if self._cwnd < self._ssthresh else 1.0 / self._cwnd
+        self._cwnd = min(float(self.max_concurrency), self._cwnd + step)
+
+    def _accepted_rate(self, since: float, until: float, limited: int) -> float | None:
+        """The server's rate between two 429s, which both say its bucket was empty: what it accepted in
+        between is exactly its refill. Requests sent in between whose 429 has not come back count as accepted
+        (429s are fast), so this errs high, and the caller takes the lower of it and the current rate."""
+        span = until - since
+        sent = self._admitted_since(since)[0] - self._admitted_since(until)[0]
+        if not math.isfinite(span) or span <= 0 or sent < MIN_SAMPLE:
+            return None
+        return max(0.0, sent - (limited - 1)) / span
+
+    def _learn_pace(self, now: float, accepted: float | None) -> None:
+        window = min(30.0, max(1.0, 2.0 * (self._latency or 0.5)))
+        sent, _ = self._admitted_since(now - window)
+        current = sent / window
+        if self._pace is not None:
+            current = min(current, self._pace.rate)
+        if accepted is not None:
+            current = min(current, accepted)
+        rate = max(PACE_CUT * current, 1.0 / 60.0)
+        level = min(self._pace.level, 0.0) if self._pace else 0.0
+        self._pace = _Bucket(max(1.0, rate * PACE_BURST_S), rate, now, level=level)
+
+    # ------------------------------------------------------------------------------------------ headers
+
+    def _observe(self, rate: RateLimitState, now: float, latency_s: float) -> None:
+        snap = now - max(0.0, latency_s)
+        after_n, after_tokens = self._admitted_since(snap)
+        dims = (
+            ("requests", rate.limit_requests, rate.remaining_requests, after_n),
+            ("tokens", rate.limit_tokens, rate.remaining_tokens, after_tokens),
+        )
+        for kind, limit, remaining, after in dims:
+            bucket = self._buckets[kind]
+            if limit:
+                if not self._confirmed:  # the server states its limits: buckets govern, not the slow start
+                    self._confirmed = True
+                    self._cwnd = self._ssthresh = float(self.max_concurrency)
+                cfg = self._cfg[kind]
+                target = min(cfg, limit) if cfg else limit
+                if bucket is None:  # learned mid-flight: requests still out may not be in `remaining` yet
+                    bucket = self._buckets[kind] = _Bucket.per_minute(target, now)
+                    bucket.level -= self._in_flight if kind == "requests" else self._in_flight_tokens
+                elif bucket.capacity != target:
+                    bucket.refill(now)
+                    bucket.resize(target, target / 60.0)
+            if bucket is None or remaining is None:
+                continue
+            bucket.refill(now)
+            server = min(bucket.capacity, remaining + bucket.rate * (now - snap)) - after
+            if server < bucket.level:
+                bucket.level = server
+
+    # ------------------------------------------------------------------------------------------ telemetry
+
+    def _note_latency(self, now: float, latency_s: float, used_tokens: int) -> None:
+        self._oks.append(now)
+        while self._oks[0] < now - HISTORY_S:
+            self._oks.popleft()
+        self._max_latency = max(self._max_latency, latency_s)
+        self._latency = latency_s if self._latency is None else 0.9 * self._latency + 0.1 * latency_s
+        per_token = latency_s / max(1, used_tokens)
+        self._per_token = per_token if self._per_token is None else 0.9 * self._per_token + 0.1 * per_token
+        # the floor forgets slowly, so a server that got faster or slower for good is re-learned
+        self._per_token_floor = min(self._per_token_floor * 1.001, per_token)
+
+    def snapshot(self) -> dict[str, Any]:
+        """For the progress view: limits in force, how much of them the last minute used, AIMD state, counts."""
+        now = self._clock()
+        n, tokens = self._admitted_since(now - HISTORY_S)
+        shares = []
+        for kind, used in (("requests", n), ("tokens", tokens)):
+            b = self._buckets[kind]
+            if b:
+                b.refill(now)
+                shares.append(used / b.capacity)
+        while self._oks and self._oks[0] < now - HISTORY_S:
+            self._oks.popleft()
+        return {
+            "in_flight": self._in_flight,
+            "concurrency_limit": self.concurrency_limit,
+            "rpm_limit": self.limit("requests"),
+            "tpm_limit": self.limit("tokens"),
+            "limits_from_headers": self._confirmed,
+            "pace_rpm": self.pace_rpm,
+            "utilisation": max(shares) if shares else None,
+            "ok_last_minute": len(self._oks),
+            "paused_for_s": max(0.0, self._paused_until - now),
+            "latency_s": self._latency,
+            **self.counts,
+        }
