@@ -206,3 +206,38 @@ async def test_batch_mode_end_to_end_resubmits_only_failures(fake, tmp_path: Pat
     assert fake.stats()["batch_lines"] == 12  # 11 rows + 1 resubmitted: nothing else paid twice
     again = await harvest_batch(cfg_for(fake.base_url), str(src), out, poll_s=0.02)
     assert again.manifest["this_run"]["submitted"] == 0 and fake.stats()["batch_lines"] == 12
+
+
+def test_batch_request_files_respect_line_and_byte_limits(tmp_path: Path):
+    from imitate.harvest.batch import BatchState, _Writer
+    from imitate.harvest.plan import Planned
+    from imitate.records import Message, Query, Request
+
+    state = BatchState(tmp_path)
+    w = _Writer(state, "t", 0, max_lines=3, max_bytes=10_000)
+    for i in range(7):
+        q = Query(id=f"q{i}", question="x" * 50)
+        req = Request(
+            query_id=q.id,
+            teacher="t",
+            model="m",
+            base_url="http://b/v1",
+            messages=[Message(role="user", content=q.question)],
+        )
+        w.add(Planned(req, q, "main"))
+    w.close()
+    assert [len(p.read_text().splitlines()) for p, _ in w.files] == [3, 3, 1]
+    small = _Writer(state, "t", 1, max_lines=100, max_bytes=600)
+    for i in range(5):
+        q = Query(id=f"s{i}", question="y" * 100)
+        req = Request(
+            query_id=q.id,
+            teacher="t",
+            model="m",
+            base_url="http://b/v1",
+            messages=[Message(role="user", content=q.question)],
+        )
+        small.add(Planned(req, q, "main"))
+    small.close()
+    assert all(p.stat().st_size <= 600 for p, _ in small.files) and len(small.files) > 1
+    assert sum(len(p.read_text().splitlines()) for p, _ in small.files) == 5

@@ -90,8 +90,11 @@ def test_sigint_drains_to_a_valid_partial_dataset(slow_fake, tmp_path: Path):
     src = tmp_path / "q.jsonl"
     src.write_text("".join(json.dumps({"question": f"Drain {i}?"}) + "\n" for i in range(2000)))
     out = tmp_path / "out"
+    before = slow_fake.stats()["completed"]
     p = cli(*harvest_args(src, out, slow_fake.base_url, "--json-log", "--set", "harvest.teachers.0.max_concurrency=8"))
-    time.sleep(2.5)
+    deadline = time.monotonic() + 30
+    while slow_fake.stats()["completed"] - before < 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, stderr
@@ -141,3 +144,29 @@ def test_api_key_never_written_or_logged_and_torch_never_imported(slow_fake, tmp
     )
     _, stderr = wrong.communicate(timeout=60)
     assert wrong.returncode == 4 and "AuthError" in stderr and "sk-wrong-key-123456" not in stderr
+
+
+def test_second_sigint_forces_a_quick_exit(tmp_path: Path):
+    with FakeTeacherServer(process=True, latency_s=30.0) as hanging:  # answers take far longer than the test
+        src = tmp_path / "q.jsonl"
+        src.write_text("".join(json.dumps({"question": f"Hang {i}?"}) + "\n" for i in range(50)))
+        out = tmp_path / "out"
+        p = cli(*harvest_args(src, out, hanging.base_url, "--quiet", "--set", "harvest.drain_timeout_s=60"))
+        deadline = time.monotonic() + 30
+        while hanging.stats()["requests"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)  # wait until requests are in flight (and the signal handlers installed)
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert p.poll() is None  # first Ctrl-C: draining, waiting for in-flight answers
+        started = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        _, stderr = p.communicate(timeout=20)
+        assert time.monotonic() - started < 10
+        assert p.returncode == 130, stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["status"] == "partial" and manifest["totals"]["ok"] == 0
+    again = subprocess.run(
+        [sys.executable, "-m", "imitate.cli", "harvest", "status", str(out)], cwd=REPO, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and json.loads(again.stdout)["done"] == 0

@@ -8,7 +8,7 @@ OUT=data/runs/demo
 rm -rf "$OUT"
 
 echo "== 1. a loopback OpenAI-compatible teacher on port $PORT (600 RPM, 5% 429s and 10% 500s injected)"
-imitate fake-teacher --port "$PORT" --rpm 600 --tpm 200000 --latency 0.15 --faults 500=0.1,429=0.05 &
+imitate fake-teacher --port "$PORT" --rpm 600 --tpm 200000 --latency 0.15 --faults 500=0.1,429=0.05 --seed 3 &
 FAKE=$!
 trap 'kill $FAKE 2>/dev/null || true' EXIT
 python - "$PORT" <<'PY'
