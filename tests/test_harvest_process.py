@@ -50,12 +50,12 @@ def all_rows(out: Path):
 
 @pytest.fixture(scope="module")
 def slow_fake():
-    with FakeTeacherServer(process=True, latency_s=0.05, jitter_s=0.05, api_key=SECRET) as server:
+    with FakeTeacherServer(process=True, latency_s=0.1, jitter_s=0.05, api_key=SECRET) as server:
         yield server
 
 
 def test_kill_9_at_random_moments_then_resume_gives_exactly_one_row_each(slow_fake, tmp_path: Path):
-    n = 300
+    n = 1000
     src = tmp_path / "q.jsonl"
     src.write_text("".join(json.dumps({"id": f"k{i}", "question": f"Kill test {i}?"}) + "\n" for i in range(n)))
     out = tmp_path / "out"
