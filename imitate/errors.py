@@ -72,11 +72,13 @@ class TeacherError(ImitateError):
         retry_after: float | None = None,
         request_id: str | None = None,
         hint: str | None = None,
+        rate: object | None = None,
     ):
         super().__init__(message, hint=hint)
         self.status = status
         self.retry_after = retry_after
         self.request_id = request_id
+        self.rate = rate  # the RateLimitState read off the error response's headers, when there was one
 
 
 class RateLimited(TeacherError):

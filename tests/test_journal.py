@@ -9,7 +9,11 @@ from imitate.records import Message, Provenance, Query, Record, Request, Usage
 
 def _record(i: int, ok: bool = True) -> Record:
     req = Request(
-        query_id=f"q{i}", teacher="t", model="m", base_url="http://x/v1", messages=[Message(role="user", content=f"q{i}")]
+        query_id=f"q{i}",
+        teacher="t",
+        model="m",
+        base_url="http://x/v1",
+        messages=[Message(role="user", content=f"q{i}")],
     )
     prov = Provenance(
         teacher="t",
@@ -21,7 +25,9 @@ def _record(i: int, ok: bool = True) -> Record:
         attempts=2,
     )
     kw = {"response": f"a{i}"} if ok else {"status": "failed", "error_class": "ContextTooLong", "error_message": "x"}
-    return Record(id=f"q{i}/t/0", query=Query(id=f"q{i}", question=f"q{i}"), messages=req.messages, provenance=prov, **kw)
+    return Record(
+        id=f"q{i}/t/0", query=Query(id=f"q{i}", question=f"q{i}"), messages=req.messages, provenance=prov, **kw
+    )
 
 
 def test_append_index_totals_and_rotation(tmp_path: Path):

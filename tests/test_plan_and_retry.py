@@ -38,7 +38,9 @@ def test_orca_subset_routing_is_deterministic():
     assert all(pl[0].request.teacher == "a" for pl in plans)  # every query to teacher A
     share_b = sum(any(x.request.teacher == "b" for x in pl) for pl in plans) / len(QS)
     assert 0.17 < share_b < 0.23  # a 20 % subset also to B
-    assert [[x.request.key() for x in p.plan(q)] for q in QS[:50]] == [[x.request.key() for x in pl] for pl in plans[:50]]
+    assert [[x.request.key() for x in p.plan(q)] for q in QS[:50]] == [
+        [x.request.key() for x in pl] for pl in plans[:50]
+    ]
 
 
 def test_weights_collections_fallback_and_samples():

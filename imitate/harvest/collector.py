@@ -362,7 +362,8 @@ class Collector:
         if isinstance(exc, RateLimited):
             rt.throttled += 1
             self.stats.throttled += 1
-            rt.limiter.on_rate_limited(est_tokens, RateLimitState(retry_after_s=exc.retry_after))
+            rate = exc.rate if isinstance(exc.rate, RateLimitState) else RateLimitState(retry_after_s=exc.retry_after)
+            rt.limiter.on_rate_limited(est_tokens, rate)
         else:
             rt.limiter.on_failure(est_tokens, overloaded=isinstance(exc, ServerError | NetworkError))
         self.budget.spend(0.0, 0, 1)

@@ -175,8 +175,11 @@ class QuerySource:
     def _csv_rows(self) -> Iterator[tuple[str, Any]]:
         csv.field_size_limit(2**31 - 1)  # long prompts are normal; the default 128 KiB cell limit is not
         delimiter = "\t" if ".tsv" in [s.lower() for s in Path(self.path).suffixes] else ","
-        with open(self.path, "rb") as self._file, _maybe_gunzip(self.path, self._file) as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+        with (
+            open(self.path, "rb") as self._file,
+            _maybe_gunzip(self.path, self._file) as raw,
+            io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text,
+        ):
             reader = csv.reader(text, delimiter=delimiter)
             try:
                 header = next(reader, None)

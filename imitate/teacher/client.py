@@ -78,7 +78,12 @@ def error_for_status(
     rate = parse_rate_headers(headers)
     lowered = f"{type_} {code} {message}".lower()
     text = _scrub(f"HTTP {status}{f' {code or type_}' if code or type_ else ''}: {message or 'no message'}", api_key)
-    kwargs = {"status": status, "retry_after": rate.retry_after_s, "request_id": headers.get("x-request-id")}
+    kwargs = {
+        "status": status,
+        "retry_after": rate.retry_after_s,
+        "request_id": headers.get("x-request-id"),
+        "rate": rate,
+    }
     if status == 429 and any(hint in lowered for hint in _QUOTA_HINTS):
         return QuotaExhausted(text, hint="add credit or raise the quota, then rerun to resume", **kwargs)
     if status == 429:

@@ -12,38 +12,39 @@ returns at once, so it is unit-tested with a fake clock and driven by the async 
 
 Every admitted request must be answered by exactly one `on_*` call (it frees the slot).
 
-How it decides:
-- Buckets. `rpm`/`tpm` (configured, or learned from `x-ratelimit-limit-*`; the lower wins) are token buckets
-  whose capacity is the per-minute limit, refilled continuously. A request reserves 1 request and its estimated
-  tokens (prompt estimate + max_tokens: what OpenAI counts against TPM at admission).
-- Reconciliation. On success the token bucket is credited `est - used` (refund of unused max_tokens, or a
-  charge when the prompt was underestimated). Servers that do not refund are caught by the header loop.
-- Header loop. A response's `remaining-*` is the server's bucket when it admitted that request, which we take
-  to be when we sent it (`now - latency`). The server's bucket now is `remaining + refill since then - cost of
-  everything we admitted after that moment` (each admission counted once: before the snapshot it is inside
-  `remaining`, after it is subtracted). When that is below our bucket, we trust the server and lower ours;
-  we never raise ours from headers (a refund the server made but we cannot see would otherwise be counted
-  twice). Reconciliation and this loop together converge on the server's view.
-- AIMD concurrency. Start at `initial_concurrency` and slow-start (+1 per success, doubling per round trip)
-  until the first 429, then additive increase (+1/cwnd per success). A 429 multiplies the limit by 0.7, at
-  most once per round trip: only a 429 for a request sent after the previous cut counts. Bounded by
-  [1, max_concurrency]. Growth stops while per-token latency is far above its floor (a queueing server) or
-  while the slots are not in use.
+How it decides (tests/test_limiter.py simulates it against a token-bucket server):
+- Buckets: `rpm`/`tpm` (configured, or from `x-ratelimit-limit-*`; the lower wins) are token buckets holding a
+  minute's worth, refilled continuously. A request reserves 1 request and `est` tokens (prompt estimate +
+  max_tokens: what OpenAI counts at admission). Until the first success, half of a configured bucket is held
+  back, so a limit configured up to 2x too high cannot overrun the server before its headers correct us.
+- Reconciliation: a prompt that used more than estimated is charged the difference. Unused max_tokens are
+  refunded only with `refund_unused=True` (servers differ; the header loop credits real refunds anyway).
+- Header loop: a response's `remaining-*` is the server's bucket when it took that request, dated at our send
+  time (`now - latency`) minus a small margin; the server's bucket now is `remaining + refill - everything we
+  admitted since` (each request counted once: inside `remaining` or among the later admissions, with ties
+  counted as later, erring low). Only a view fresher than the last one applied is used. It replaces our
+  level when the server's stated limit is the one in force; when our configured limit is lower (a
+  deliberate share of the quota) it can only lower it.
+- AIMD concurrency: start at max_concurrency when a limit is configured, else at `initial_concurrency` with
+  slow start (+1 per success, paced at 2x the current throughput so the first 429s stop the burst); jump to
+  max_concurrency once headers state the limits (the buckets govern). A 429 multiplies the limit by 0.7 at
+  most once per round trip (only a 429 for a request sent after the last cut counts), then growth is +1/cwnd
+  per success; 5xx/timeouts with `overloaded=True` cut by 0.9. Bounded by [1, max_concurrency]; no growth
+  while per-token latency is 4x its floor (a queueing server) or while half the slots are idle.
 - Retry-After pauses the whole teacher until now + retry_after (every `try_acquire` waits), not one task.
-- Learned pace. When a 429 arrives and no server-confirmed limit explains it (no headers, or limits configured
-  wrong), a request pace is learned: 0.85 x the lower of the current pace and the recent send rate, growing 2 %
-  per second of successes. The server's own bucket (a minute deep) absorbs the sawtooth, so the pace costs
-  almost no throughput while keeping 429s rare.
-- Failures (5xx, timeouts, 4xx): the slot is freed, the budget is not refunded (the server has most likely
-  counted the attempt; OpenAI counts rejected requests too), and `overloaded=True` (5xx/timeouts) cuts the
-  concurrency by 10 % once per round trip. A 429 is not refunded either.
+- Learned pace, for 429s no stated limit explains (header-less servers, wrong config): the request rate is cut
+  to 0.85 x the lower of the recent send rate and the rate the server accepted between the last two 429s
+  (both mean "bucket empty", so what it took in between is its refill), at most halving per cut, and grows
+  2 %/s (at most 0.5 % per success). The server's own minute-deep bucket absorbs the sawtooth.
+- No refund on failures or 429s: the server has most likely counted the attempt (OpenAI counts rejected
+  requests too).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from bisect import bisect_right
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -53,12 +54,15 @@ from imitate.teacher.reply import RateLimitState
 CONCURRENCY_CUT = 0.7  # multiplicative decrease of the concurrency limit on a 429
 OVERLOAD_CUT = 0.9  # ... and on a 5xx / timeout reported as overload
 PACE_CUT = 0.85  # learned pace: multiplicative decrease on a 429 ...
+PACE_CUT_MIN = 0.5  # ... but never below this fraction of the current rate in one cut
+BLIND_GUARD_S = 0.25  # without a latency, at most one cut per this long (429s are fast: their burst is over)
 MIN_SAMPLE = 4  # requests between two 429s needed to estimate the server's rate from them
 PACE_GROWTH_PER_S = 0.02  # learned pace: relative growth per second (at full pace) ...
 PACE_GROWTH_PER_OK = 0.005  # ... but at most this much per success
 STARTUP_GAIN = 2.0  # with nothing known, slow start sends at most this multiple of the current throughput
 PACE_BURST_S = 1.0  # the pace bucket holds this many seconds of requests
 LATENCY_TOLERANCE = 4.0  # concurrency stops growing above this multiple of the per-token latency floor
+SNAP_MARGIN_S = 0.05  # a response's `remaining` is dated this much before our send time (see _observe)
 HISTORY_S = 60.0  # admissions kept at least this long (utilisation, header loop)
 _EPS = 1e-9
 
@@ -111,7 +115,7 @@ class RateLimiter:
         max_concurrency: int = 256,
         clock: Callable[[], float] = time.monotonic,
         initial_concurrency: int = 8,
-        refund_unused: bool = True,
+        refund_unused: bool = False,
     ):
         self._clock = clock
         now = clock()
@@ -121,7 +125,10 @@ class RateLimiter:
             "tokens": _Bucket.per_minute(tpm, now) if tpm else None,
         }
         self._confirmed = False  # a limit header has been seen
-        self._answered = False  # any response yet (until then half of a configured bucket is held back)
+        # a server-stated limit we adopted: its `remaining` may raise our bucket too, not only lower it
+        self._authoritative = {"requests": False, "tokens": False}
+        self._last_snap = {"requests": -math.inf, "tokens": -math.inf}
+        self._answered = False  # a success yet (until then half of a configured bucket is held back)
         self.max_concurrency = max(1, max_concurrency)
         configured = bool(rpm or tpm)
         start = self.max_concurrency if configured else min(self.max_concurrency, max(1, initial_concurrency))
@@ -129,7 +136,6 @@ class RateLimiter:
         self._ssthresh = float(self.max_concurrency)
         self._refund = refund_unused
         self._in_flight = 0
-        self._in_flight_tokens = 0.0
         self._paused_until = -math.inf
         self._last_cut = -math.inf
         self._pace: _Bucket | None = None
@@ -173,13 +179,12 @@ class RateLimiter:
     # ------------------------------------------------------------------------------------------ admission
 
     def _gates(self, est_tokens: int) -> list[tuple[_Bucket, float, float]]:
-        """(bucket, cost, held back): before any answer, half of a configured bucket is held back, so a limit
-        configured up to 2x too high cannot burst past the server before its headers correct us."""
+        """(bucket, cost, held back) for every bucket in force, the learned pace included."""
         out = []
         for kind, cost in (("requests", 1.0), ("tokens", float(est_tokens))):
             b = self._buckets[kind]
             if b is not None:
-                out.append((b, cost, 0.0 if self._answered else b.capacity / 2))
+                out.append((b, cost, 0.0 if self._answered or self._confirmed else b.capacity / 2))
         return out + ([(self._pace, 1.0, 0.0)] if self._pace is not None else [])
 
     def _startup_rate(self) -> float | None:
@@ -210,7 +215,6 @@ class RateLimiter:
         if startup:
             self._startup_next = max(self._startup_next, now) + 1.0 / startup
         self._in_flight += 1
-        self._in_flight_tokens += est_tokens
         self.counts["admitted"] += 1
         self._log_admission(now, est_tokens)
         return 0.0
@@ -227,8 +231,8 @@ class RateLimiter:
             self._adm_start = 0
 
     def _admitted_since(self, t: float) -> tuple[int, float]:
-        """(requests, tokens) admitted strictly after time t (within the kept history)."""
-        i = bisect_right(self._adm_t, t, lo=self._adm_start)
+        """(requests, tokens) admitted at or after time t (within the kept history)."""
+        i = bisect_left(self._adm_t, t, lo=self._adm_start)
         n = len(self._adm_t) - i
         before = self._adm_cum[i - 1] if i > 0 else 0.0
         return n, self._adm_tokens - before
@@ -237,8 +241,9 @@ class RateLimiter:
 
     def on_success(self, est_tokens: int, used_tokens: int, rate: RateLimitState, latency_s: float) -> None:
         now = self._clock()
-        self._release(est_tokens)
+        self._release()
         self.counts["ok"] += 1
+        self._answered = True
         tok = self._buckets["tokens"]
         if tok is not None and (self._refund or used_tokens > est_tokens):
             tok.refill(now)
@@ -250,12 +255,12 @@ class RateLimiter:
     def on_rate_limited(self, est_tokens: int, rate: RateLimitState, latency_s: float | None = None) -> None:
         """A 429. `latency_s` (of this attempt) lets repeated 429s from one burst count as one signal."""
         now = self._clock()
-        self._release(est_tokens)
+        self._release()
         self.counts["rate_limited"] += 1
         self._observe(rate, now, latency_s or 0.0)
         if rate.retry_after_s:
             self._paused_until = max(self._paused_until, now + rate.retry_after_s)
-        if latency_s is None or now - latency_s >= self._last_cut:
+        if latency_s is not None and now - latency_s >= self._last_cut:
             self._limited_since_cut += 1
         sent_at = now - (latency_s or 0.0)
         if not self._new_signal(now, latency_s):
@@ -263,7 +268,8 @@ class RateLimiter:
         since, limited = self._last_cut, self._limited_since_cut
         self._cut(now, CONCURRENCY_CUT)
         if not (rate.has_limits or self._confirmed):
-            self._learn_pace(now, self._accepted_rate(since, sent_at, limited))
+            accepted = self._accepted_rate(since, sent_at, limited) if latency_s is not None else None
+            self._learn_pace(now, accepted)
         if self._pace is not None:  # a rate limit is the pace's job: keep enough slots to follow it
             self._cwnd = max(
                 self._cwnd, min(self._cwnd / CONCURRENCY_CUT, 1.5 * self._pace.rate * (self._latency or 0))
@@ -273,22 +279,20 @@ class RateLimiter:
     def on_failure(self, est_tokens: int, *, overloaded: bool = False) -> None:
         """Any other error. The budget stays spent (the server most likely counted the attempt)."""
         now = self._clock()
-        self._release(est_tokens)
+        self._release()
         self.counts["failed"] += 1
         if overloaded and self._new_signal(now, None):
             self._cut(now, OVERLOAD_CUT)
 
-    def _release(self, est_tokens: int) -> None:
+    def _release(self) -> None:
         self._in_flight = max(0, self._in_flight - 1)
-        self._in_flight_tokens = max(0.0, self._in_flight_tokens - est_tokens)
-        self._answered = True
 
     def _new_signal(self, now: float, latency_s: float | None) -> bool:
-        """One decrease per round trip: a signal counts if its request left after the last cut (or, without a
-        latency, if a typical round trip has passed since the cut)."""
+        """One decrease per round trip: a signal counts if its request left after the last cut (without a
+        latency: if BLIND_GUARD_S or a typical round trip, whichever is shorter, has passed since the cut)."""
         if latency_s is not None:
             return now - latency_s >= self._last_cut
-        return now - self._last_cut >= (self._latency or 1.0)
+        return now - self._last_cut >= min(self._latency or 1.0, BLIND_GUARD_S)
 
     def _cut(self, now: float, factor: float) -> None:
         self._last_cut = now
@@ -324,16 +328,17 @@ class RateLimiter:
         current = sent / window
         if self._pace is not None:
             current = min(current, self._pace.rate)
-        if accepted is not None:
-            current = min(current, accepted)
-        rate = max(PACE_CUT * current, 1.0 / 60.0)
+        factor = PACE_CUT if accepted is None else PACE_CUT * min(1.0, accepted / max(current, _EPS))
+        rate = max(max(PACE_CUT_MIN, factor) * current, 1.0 / 60.0)
         level = min(self._pace.level, 0.0) if self._pace else 0.0
         self._pace = _Bucket(max(1.0, rate * PACE_BURST_S), rate, now, level=level)
 
     # ------------------------------------------------------------------------------------------ headers
 
     def _observe(self, rate: RateLimitState, now: float, latency_s: float) -> None:
-        snap = now - max(0.0, latency_s)
+        # the server's snapshot was taken when it received the request; we date it at our send time minus a
+        # margin and count every admission since then as not yet in `remaining` (so an error is on the safe side)
+        snap = now - max(0.0, latency_s) - SNAP_MARGIN_S
         after_n, after_tokens = self._admitted_since(snap)
         dims = (
             ("requests", rate.limit_requests, rate.remaining_requests, after_n),
@@ -342,22 +347,23 @@ class RateLimiter:
         for kind, limit, remaining, after in dims:
             bucket = self._buckets[kind]
             if limit:
-                if not self._confirmed:  # the server states its limits: buckets govern, not the slow start
-                    self._confirmed = True
+                if not self._confirmed:  # the server states its limits: buckets govern, not slow start or pace
+                    self._confirmed, self._pace = True, None
                     self._cwnd = self._ssthresh = float(self.max_concurrency)
                 cfg = self._cfg[kind]
+                self._authoritative[kind] = not cfg or cfg >= limit
                 target = min(cfg, limit) if cfg else limit
-                if bucket is None:  # learned mid-flight: requests still out may not be in `remaining` yet
+                if bucket is None:
                     bucket = self._buckets[kind] = _Bucket.per_minute(target, now)
-                    bucket.level -= self._in_flight if kind == "requests" else self._in_flight_tokens
                 elif bucket.capacity != target:
                     bucket.refill(now)
                     bucket.resize(target, target / 60.0)
-            if bucket is None or remaining is None:
-                continue
+            if bucket is None or remaining is None or snap < self._last_snap[kind]:
+                continue  # an older view than one already applied says nothing new
+            self._last_snap[kind] = snap
             bucket.refill(now)
-            server = min(bucket.capacity, remaining + bucket.rate * (now - snap)) - after
-            if server < bucket.level:
+            server = min(bucket.capacity, remaining + bucket.rate * (now - snap - SNAP_MARGIN_S)) - after
+            if server < bucket.level or self._authoritative[kind]:
                 bucket.level = server
 
     # ------------------------------------------------------------------------------------------ telemetry
@@ -371,7 +377,7 @@ class RateLimiter:
         per_token = latency_s / max(1, used_tokens)
         self._per_token = per_token if self._per_token is None else 0.9 * self._per_token + 0.1 * per_token
         # the floor forgets slowly, so a server that got faster or slower for good is re-learned
-        self._per_token_floor = min(self._per_token_floor * 1.001, per_token)
+        self._per_token_floor = min(self._per_token_floor * 1.0001, per_token)
 
     def snapshot(self) -> dict[str, Any]:
         """For the progress view: limits in force, how much of them the last minute used, AIMD state, counts."""
