@@ -79,7 +79,7 @@ def copy_dir(tmp_path):
 
 def test_edited_text_fails_naming_the_file(copy_dir):
     f = copy_dir / "system" / "orca-07.yaml"
-    f.write_text(f.read_text().replace("step by step", "in one go"))
+    f.write_text(f.read_text().replace("one step at a time", "in one go"))
     with pytest.raises(ConfigError, match=r"orca-07\.yaml: sha256 does not match"):
         load_library(copy_dir)
 
