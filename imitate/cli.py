@@ -74,18 +74,24 @@ def fake_teacher(
     seed: int = typer.Option(0, help="Seed for random faults."),
 ) -> None:
     """Run the loopback OpenAI-compatible fake teacher (for tests, the demo and benchmarks)."""
-    from imitate.teacher.fake import parse_faults, serve_forever
+    import asyncio
+    import contextlib
 
-    serve_forever(
-        host=host,
-        port=port,
-        rpm=rpm,
-        tpm=tpm,
-        faults=parse_faults(faults),
-        latency=latency,
-        headers=headers,
-        seed=seed,
-    )
+    from imitate.teacher.fake import parse_faults, serve
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how this server is meant to stop
+        asyncio.run(
+            serve(
+                host=host,
+                port=port,
+                rpm=rpm,
+                tpm=tpm,
+                faults=parse_faults(faults),
+                latency=latency,
+                headers=headers,
+                seed=seed,
+            )
+        )
 
 
 def _flag_overrides(**flags: object) -> list[str]:

@@ -1,0 +1,149 @@
+"""What the fake teacher says: its configuration, fault names and parsing, token estimates, and the
+deterministic step-by-step answers built from the prompt (same messages -> same text)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from typing import Any
+
+from imitate.errors import ConfigError
+
+NAMED_FAULTS = {
+    "reset": "close the connection without answering",
+    "hang": "answer only after hang_s (tests client timeouts)",
+    "slow": "send the body in pieces over slow_s",
+    "malformed": "200 with invalid JSON",
+    "empty": "200 with choices: []",
+    "nomessage": "200 with a choice lacking its message",
+    "length": "200, answer truncated, finish_reason length",
+    "filter": "200, content null, finish_reason content_filter",
+    "quota": "429 insufficient_quota",
+    "context": "400 context_length_exceeded",
+    "policy": "400 content_policy_violation",
+    "auth": "401 invalid_api_key",
+}
+_CONNECTION_FAULTS = {"reset", "hang", "slow", "malformed"}
+_FAULT_MARK = re.compile(r"\[\[fault:([a-z]+|\d{3})(?:x(\d+))?\]\]")
+_LEN_MARK = re.compile(r"\[\[len:(\d+)\]\]")
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9'-]{3,}")
+_STOP = frozenset("what which when where that this with from does have about into your during there".split())  # noqa: SIM905
+
+
+@dataclasses.dataclass
+class FakeConfig:
+    model: str = "fake-teacher"
+    rpm: int | None = None
+    tpm: int | None = None
+    headers: bool = True  # False: no x-ratelimit-* and no retry-after, like vLLM / llama.cpp
+    faults: dict[str, float] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    latency_s: float = 0.0
+    jitter_s: float = 0.0
+    sentences: int = 4
+    api_key: str | None = None  # when set, requests must send `Authorization: Bearer <api_key>`
+    hang_s: float = 3600.0
+    slow_s: float = 0.5
+    retry_after_s: float = 0.05  # what a scripted 429 asks the client to wait
+    batch_delay_s: float = 0.05  # pause before each batch state change
+    default_max_tokens: int = 1024  # TPM charge for a request without max_tokens
+
+    def __post_init__(self) -> None:
+        self.faults = check_faults(self.faults)
+
+
+def parse_faults(text: str | None) -> dict[str, float]:
+    """'500=0.02,reset=0.01' -> {'500': 0.02, 'reset': 0.01}; bad items raise one ConfigError naming each."""
+    out, problems = {}, []
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        kind, _, prob = item.partition("=")
+        try:
+            out[kind.strip()] = float(prob)
+        except ValueError:
+            problems.append(f"{item!r}: expected KIND=PROBABILITY")
+    if problems:
+        raise ConfigError("bad --faults", problems=problems)
+    return check_faults(out)
+
+
+def check_faults(faults: dict[str, float]) -> dict[str, float]:
+    problems = []
+    for kind, prob in faults.items():
+        if kind not in NAMED_FAULTS and not re.fullmatch(r"[45]\d\d", kind):
+            problems.append(f"{kind!r}: unknown fault (a 4xx/5xx code or one of {', '.join(NAMED_FAULTS)})")
+        elif not 0.0 <= prob <= 1.0:
+            problems.append(f"{kind}={prob}: probability must be within 0..1")
+    if sum(faults.values()) > 1.0 + 1e-9:
+        problems.append("fault probabilities add up to more than 1")
+    if problems:
+        raise ConfigError("bad faults", problems=problems)
+    return dict(faults)
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+
+def estimate_tokens(text: str | None) -> int:
+    return (len(text) + 3) // 4 if text else 0
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):  # content parts
+        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    return sum(estimate_tokens(_text(m.get("content"))) + 4 for m in messages)
+
+
+def _digest(messages: list[dict[str, Any]]) -> bytes:
+    """A hash of roles and contents: cheaper than canonical JSON, and the answer depends on nothing else."""
+    return hashlib.sha256(
+        "\x00".join(f"{m.get('role')}\x01{_text(m.get('content'))}" for m in messages).encode()
+    ).digest()
+
+
+def _last_user(messages: list[dict[str, Any]]) -> str:
+    return next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+
+
+_OPENERS = (
+    "Let's work through this carefully.",
+    "Here is how to think about it.",
+    "Good question, so let's reason it out.",
+    "We can answer this in a few steps.",
+)
+_STEPS = (
+    "First, pin down what {a} means here and why it matters for the question.",
+    "Next, relate {a} to {b}, because the answer depends on how the two interact.",
+    "Take a concrete case: when {b} changes, {c} follows in a predictable way.",
+    "Then check the assumption behind {c}; it holds because the question is really about {a}.",
+    "Comparing {c} with {b} separates what is essential from what is incidental.",
+    "Putting these together, {a} accounts for most of what we observe about {c}.",
+)
+
+
+def fake_answer(messages: list[dict[str, Any]], sentences: int = 4) -> str:
+    """A deterministic step-by-step explanation that quotes the question and follows the system style."""
+    system = " ".join(_text(m.get("content")) for m in messages if m.get("role") == "system").lower()
+    question = _last_user(messages)
+    if marker := _LEN_MARK.search(question):
+        sentences = int(marker.group(1))
+    if "brief" in system or "concise" in system:
+        sentences = min(sentences, 2)
+    question = " ".join(_LEN_MARK.sub("", _FAULT_MARK.sub("", question)).split())
+    digest = _digest(messages)
+    words = list(dict.fromkeys(w for w in _WORD.findall(question) if w.lower() not in _STOP))
+    words += ["the idea", "the details", "the result"][len(words) :]
+    topic = question if len(question) <= 70 else question[:70].rsplit(" ", 1)[0]
+    parts = [_OPENERS[digest[0] % len(_OPENERS)], f'The question is "{topic.rstrip("?.! ")}".']
+    if "child" in system or "simple" in system:
+        parts.append("Think of it like explaining to a friend, one small idea at a time.")
+    for i in range(sentences):
+        a, b, c = (words[(digest[1 + i + j] + j) % len(words)] for j in range(3))
+        step = _STEPS[(digest[1] + i) % len(_STEPS)].format(a=a, b=b, c=c)
+        parts.append(f"Step {i + 1}: {step}" if "step" in system else step)
+    parts.append(f"So, in short: it comes down to {words[0]} and {words[1]}.")
+    return " ".join(parts)

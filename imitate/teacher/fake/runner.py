@@ -1,0 +1,201 @@
+"""Running the fake teacher outside a caller's event loop: `FakeTeacherServer` (a background thread, or its own
+process via `python -m imitate.teacher.fake`), `running_fake_teacher`, `serve` (a coroutine for `imitate
+fake-teacher`), `serve_forever` and `main` (the argument parser of `python -m imitate.teacher.fake`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+from imitate.errors import ConfigError
+from imitate.teacher.fake.answers import FakeConfig, parse_faults
+from imitate.teacher.fake.app import FakeTeacher
+
+
+class FakeTeacherServer:
+    """A FakeTeacher for sync code: in a background thread (fast start, shares the GIL) or, with
+    `process=True`, in its own Python process so a benchmark does not measure a server sharing its GIL."""
+
+    def __init__(self, *, process: bool = False, host: str = "127.0.0.1", port: int = 0, **options: Any):
+        self.options = dataclasses.asdict(FakeConfig(**options))  # fail here, in the caller, on bad options
+        self.process, self.host, self.port = process, host, port
+        self.base_url = ""
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never proxy
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid if self._proc is not None else os.getpid()
+
+    def start(self) -> str:
+        self.base_url = self._start_process() if self.process else self._start_thread()
+        return self.base_url
+
+    def _start_process(self) -> str:
+        here = os.path.abspath(__file__)  # <root>/imitate/teacher/fake/runner.py
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(here))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        cmd = [sys.executable, "-m", "imitate.teacher.fake", "--host", self.host, "--port", str(self.port)]
+        self._proc = subprocess.Popen(
+            [*cmd, "--config-json", json.dumps(self.options)], stdout=subprocess.PIPE, env=env
+        )
+        line = self._proc.stdout.readline().decode() if self._proc.stdout else ""
+        if not line.startswith("fake teacher listening on "):
+            self.stop()
+            raise RuntimeError(f"the fake teacher process did not start: {line.strip() or 'no output'}")
+        return line.split()[-1]
+
+    def _start_thread(self) -> str:
+        started, failed = threading.Event(), []
+        fake = FakeTeacher(**self.options)
+
+        def run() -> None:
+            loop = self._loop = asyncio.new_event_loop()
+            try:
+                self.base_url = loop.run_until_complete(fake.start(self.host, self.port))
+            except OSError as exc:
+                failed.append(exc)
+            finally:
+                started.set()
+            if not failed:
+                loop.run_forever()
+                loop.run_until_complete(fake.stop())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-teacher", daemon=True)
+        self._thread.start()
+        started.wait()
+        if failed or not self.base_url:
+            raise failed[0] if failed else RuntimeError("the fake teacher thread did not start")
+        return self.base_url
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            if self._proc.stdout is not None:
+                self._proc.stdout.close()
+            self._proc = None
+        if self._thread is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> FakeTeacherServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("GET", "/fake/stats")
+
+    def reset(self) -> dict[str, Any]:
+        return self._call("POST", "/fake/reset")
+
+    def _call(self, method: str, path: str) -> dict[str, Any]:
+        request = urllib.request.Request(self.base_url.removesuffix("/v1") + path, method=method)
+        with self._opener.open(request, timeout=10) as response:
+            out = json.loads(response.read())
+        out["by_status"] = {int(k): v for k, v in out["by_status"].items()}  # JSON keys are strings
+        return out
+
+
+@contextlib.contextmanager
+def running_fake_teacher(*, process: bool = True, **options: Any) -> Iterator[str]:
+    """`with running_fake_teacher(rpm=600) as base_url:` a fake teacher in its own process (or a thread)."""
+    with FakeTeacherServer(process=process, **options) as server:
+        yield server.base_url
+
+
+async def serve(
+    host: str = "127.0.0.1",
+    port: int = 8089,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    faults: str | dict[str, float] | None = None,
+    latency: float = 0.0,
+    headers: bool = True,
+    seed: int = 0,
+    **options: Any,
+) -> None:
+    """Serve until SIGTERM or cancellation; prints `fake teacher listening on <base_url>` once accepting."""
+    faults = parse_faults(faults) if isinstance(faults, str) else dict(faults or {})
+    fake = FakeTeacher(rpm=rpm, tpm=tpm, faults=faults, latency_s=latency, headers=headers, seed=seed, **options)
+    stopping = asyncio.Event()
+    with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows loops
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
+    try:
+        base_url = await fake.start(host, port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    print(f"fake teacher listening on {base_url}", flush=True)
+    try:
+        await stopping.wait()
+    finally:
+        await fake.stop()
+
+
+def serve_forever(
+    host: str = "127.0.0.1",
+    port: int = 8089,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    faults: str | dict[str, float] | None = None,
+    latency: float = 0.0,
+    headers: bool = True,
+    seed: int = 0,
+    **options: Any,
+) -> None:
+    """`serve` in its own event loop until SIGINT/SIGTERM (for callers without one, like `main`)."""
+    options |= {"rpm": rpm, "tpm": tpm, "faults": faults, "latency": latency, "headers": headers, "seed": seed}
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(host, port, **options))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m imitate.teacher.fake", description=_description())
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8089)
+    parser.add_argument("--rpm", type=int)
+    parser.add_argument("--tpm", type=int)
+    parser.add_argument("--faults", help="e.g. 500=0.02,reset=0.01")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before every answer")
+    parser.add_argument("--jitter", type=float, default=0.0, help="extra uniform random seconds")
+    parser.add_argument("--no-headers", action="store_true", help="no x-ratelimit-* or retry-after (like vLLM)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config-json", help="all FakeConfig fields as JSON (used by FakeTeacherServer)")
+    args = parser.parse_args(argv)
+    try:
+        options = json.loads(args.config_json) if args.config_json else {"faults": parse_faults(args.faults)}
+        if not args.config_json:
+            options |= {"rpm": args.rpm, "tpm": args.tpm, "seed": args.seed, "headers": not args.no_headers}
+            options |= {"latency_s": args.latency, "jitter_s": args.jitter}
+        config = dataclasses.asdict(FakeConfig(**options))
+        serve_forever(args.host, args.port, latency=config.pop("latency_s"), **config)
+    except ConfigError as exc:
+        parser.exit(2, exc.one_line() + "\n")
+
+
+def _description() -> str:
+    from imitate.teacher import fake  # the package docstring describes the server; this module only runs it
+
+    return (fake.__doc__ or "").splitlines()[0]
