@@ -134,3 +134,11 @@ def test_every_module_has_a_docstring():
         str(p.relative_to(REPO)) for p in PKG.rglob("*.py") if ast.get_docstring(ast.parse(p.read_text())) is None
     ]
     assert missing == []
+
+
+def test_asyncio_run_only_at_entry_points():
+    """cli.py holds the only asyncio.run of the library; the fake teacher's own process entry is the exception."""
+    users = sorted(
+        str(p.relative_to(REPO)) for p in PKG.rglob("*.py") if "asyncio.run(" in p.read_text() and "test" not in p.name
+    )
+    assert users == ["imitate/cli.py", "imitate/teacher/fake/runner.py"]
