@@ -197,15 +197,46 @@ def harvest_cmd(
         raise outcome.error
 
 
-def _register_optional_commands() -> None:
-    """Commands of later stages register themselves; their modules import nothing heavy at top."""
-    try:
-        from imitate.train import commands as train_commands
-    except ImportError:  # the trainer stage is optional until it lands
-        return
-    register = getattr(train_commands, "register", None)
-    if register is not None:
-        register(app)
+@app.command("train")
+def train_cmd(
+    data: Path = typer.Argument(..., help="Harvest output dir, dataset folder, or JSONL/Parquet file of records."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (adapter, metrics, loss curve)."),
+    model: str | None = typer.Option(None, "--model", help="Student: local HF folder, .gguf file, or Hub name."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    check: bool = typer.Option(False, "--check", help="Tokenise, summarise refusals, dump a few masks; no training."),
+) -> None:
+    """LoRA SFT of the student on harvested records (one explicit loop; runs unchanged under torchrun)."""
+    from imitate.train.commands import train_command
+
+    train_command(data, out, model=model, config=config, overrides=set_ or [], check=check)
+
+
+@app.command("merge")
+def merge_cmd(
+    adapter: Path = typer.Argument(..., help="Adapter directory written by imitate train."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the merged full model."),
+    model: str | None = typer.Option(None, "--model", help="Base model (default: the one the adapter records)."),
+) -> None:
+    """Merge an adapter into its base and check merged logits equal base+adapter logits."""
+    from imitate.train.commands import merge_command
+
+    merge_command(adapter, out, model=model)
+
+
+@app.command("chat")
+def chat_cmd(
+    model: str | None = typer.Argument(None, help="Model folder or .gguf (default: the local SmolLM2 student)."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="LoRA adapter directory to apply."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="One-shot prompt; without it, read stdin lines."),
+    system: str | None = typer.Option(None, "--system", help="System message (none by default)."),
+    max_new_tokens: int = typer.Option(256, help="Generation length."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+) -> None:
+    """Talk to a student (optionally with an adapter): one-shot or interactive."""
+    from imitate.train.commands import chat_command
+
+    chat_command(model, adapter, prompt=prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _state["debug"] = "--debug" in argv
     try:
-        _register_optional_commands()
         app(args=argv, prog_name="imitate", standalone_mode=False)
         code = 0
     except ImitateError as exc:

@@ -30,10 +30,18 @@ from imitate.teacher.reply import Reply, format_duration, parse_duration, parse_
 
 KEY = "sk-imitate-test-DO-NOT-LEAK-7f3a9c0e"
 PARAMS = GenerationParams(max_tokens=256)
+TRANSPORTS = ["httpx", "sdk"]  # the lean default path and the SDK path must behave the same
 
 
-async def ask(base_url: str, question: str, *, timeout: float = 5.0, key: str = KEY, **params) -> Reply:
-    async with TeacherClient(base_url, api_key=key, timeout=timeout) as client:
+@pytest.fixture(params=TRANSPORTS)
+def transport(request) -> str:
+    return request.param
+
+
+async def ask(
+    base_url: str, question: str, *, timeout: float = 5.0, key: str = KEY, transport: str = "httpx", **params
+) -> Reply:
+    async with TeacherClient(base_url, api_key=key, timeout=timeout, transport=transport) as client:
         messages = [Message(role="system", content="Explain step by step."), Message(role="user", content=question)]
         return await client.chat(messages, model="fake-teacher", params=PARAMS.model_copy(update=params))
 
@@ -49,8 +57,8 @@ def assert_no_key(exc: BaseException, key: str = KEY) -> None:
         assert key not in text
 
 
-def test_chat_returns_a_reply_with_usage_and_request_id(fake_teacher):
-    reply = asyncio.run(ask(fake_teacher.base_url, "Why is the sky blue?"))
+def test_chat_returns_a_reply_with_usage_and_request_id(fake_teacher, transport):
+    reply = asyncio.run(ask(fake_teacher.base_url, "Why is the sky blue?", transport=transport))
     assert "Why is the sky blue" in reply.text and "Step 1:" in reply.text
     assert reply.finish_reason == "stop" and reply.model == "fake-teacher"
     assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
@@ -82,25 +90,28 @@ def test_chat_returns_a_reply_with_usage_and_request_id(fake_teacher):
         ("reset", NetworkError, None),
     ],
 )
-def test_each_fault_maps_onto_one_error_class(fake_teacher, fault, error, status):
-    exc = ask_error(fake_teacher.base_url, f"Explain tides. [[fault:{fault}]]")
+def test_each_fault_maps_onto_one_error_class(fake_teacher, transport, fault, error, status):
+    exc = ask_error(fake_teacher.base_url, f"Explain tides. [[fault:{fault}]]", transport=transport)
     assert type(exc) is error
     assert exc.status == status
-    assert isinstance(exc.__cause__, openai.OpenAIError | ValueError | LookupError)  # translated once, chained
+    if transport == "sdk":
+        assert isinstance(exc.__cause__, openai.OpenAIError | ValueError | LookupError)  # translated once, chained
+    elif status is None or status == 200:  # the lean path: exceptions are chained, a status needs no cause
+        assert isinstance(exc.__cause__, httpx2.TransportError | ValueError | LookupError)
     if status is not None:
         assert exc.request_id and exc.request_id.startswith("req_")
     assert_no_key(exc)
 
 
-def test_scripted_429_carries_retry_after(fake_teacher):
-    exc = ask_error(fake_teacher.base_url, "Explain snow. [[fault:429]]")
+def test_scripted_429_carries_retry_after(fake_teacher, transport):
+    exc = ask_error(fake_teacher.base_url, "Explain snow. [[fault:429]]", transport=transport)
     assert isinstance(exc, RateLimited) and exc.retryable
     assert exc.retry_after == pytest.approx(0.05)  # retry-after-ms wins over the rounded retry-after
 
 
-def test_fault_x2_fails_twice_then_succeeds(fake_teacher):
+def test_fault_x2_fails_twice_then_succeeds(fake_teacher, transport):
     async def three_attempts() -> list:
-        async with TeacherClient(fake_teacher.base_url, timeout=5) as client:
+        async with TeacherClient(fake_teacher.base_url, timeout=5, transport=transport) as client:
             messages = [Message(role="user", content="Explain rain. [[fault:500x2]]")]
             out = []
             for _ in range(3):
@@ -115,52 +126,67 @@ def test_fault_x2_fails_twice_then_succeeds(fake_teacher):
     assert isinstance(third, Reply) and "Explain rain" in third.text
 
 
-def test_length_and_filter_return_replies_that_check_finish_rejects(fake_teacher):
-    truncated = asyncio.run(ask(fake_teacher.base_url, "Explain dew. [[fault:length]]"))
+def test_length_and_filter_return_replies_that_check_finish_rejects(fake_teacher, transport):
+    truncated = asyncio.run(ask(fake_teacher.base_url, "Explain dew. [[fault:length]]", transport=transport))
     assert truncated.finish_reason == "length" and truncated.text
     with pytest.raises(Truncated):
         check_finish(truncated)
-    filtered = asyncio.run(ask(fake_teacher.base_url, "Explain storms. [[fault:filter]]"))
+    filtered = asyncio.run(ask(fake_teacher.base_url, "Explain storms. [[fault:filter]]", transport=transport))
     assert filtered.finish_reason == "content_filter" and filtered.text == ""
     with pytest.raises(ContentFiltered):
         check_finish(filtered)
 
 
-def test_max_tokens_truncates_with_finish_reason_length(fake_teacher):
-    reply = asyncio.run(ask(fake_teacher.base_url, "Explain gravity.", max_tokens=10))
+def test_max_tokens_truncates_with_finish_reason_length(fake_teacher, transport):
+    reply = asyncio.run(ask(fake_teacher.base_url, "Explain gravity.", max_tokens=10, transport=transport))
     assert reply.finish_reason == "length" and reply.usage.completion_tokens == 10
 
 
-def test_hang_becomes_network_error_at_the_client_timeout(fake_teacher):
-    exc = ask_error(fake_teacher.base_url, "Explain fog. [[fault:hang]]", timeout=0.3)
+def test_hang_becomes_network_error_at_the_client_timeout(fake_teacher, transport):
+    exc = ask_error(fake_teacher.base_url, "Explain fog. [[fault:hang]]", timeout=0.3, transport=transport)
     assert isinstance(exc, NetworkError) and exc.retryable and "timed out" in exc.message
 
 
-def test_slow_body_still_arrives_within_the_timeout(fake_teacher):
-    reply = asyncio.run(ask(fake_teacher.base_url, "Explain hail. [[fault:slow]]", timeout=2))
+def test_slow_body_still_arrives_within_the_timeout(fake_teacher, transport):
+    reply = asyncio.run(ask(fake_teacher.base_url, "Explain hail. [[fault:slow]]", timeout=2, transport=transport))
     assert reply.finish_reason == "stop" and reply.latency_s >= 0.4
 
 
-def test_refused_connection_is_network_error():
+def test_refused_connection_is_network_error(transport):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    exc = ask_error(f"http://127.0.0.1:{port}/v1", "anyone there?", timeout=2)
+    exc = ask_error(f"http://127.0.0.1:{port}/v1", "anyone there?", timeout=2, transport=transport)
     assert isinstance(exc, NetworkError) and exc.status is None
+    assert_no_key(exc)
 
 
-def test_wrong_key_is_auth_error_and_the_echoed_key_is_scrubbed(make_fake_teacher):
+def test_proxy_environment_is_honoured(fake_teacher, transport, monkeypatch):
+    """With HTTP_PROXY set, both paths go through the proxy (here a dead one), as httpx2 and the SDK would."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    exc = ask_error(fake_teacher.base_url, "Explain fog.", timeout=2, transport=transport)
+    assert isinstance(exc, NetworkError)
+    assert fake_teacher.stats()["requests"] == 0
+
+
+def test_wrong_key_is_auth_error_and_the_echoed_key_is_scrubbed(make_fake_teacher, transport):
     fake = make_fake_teacher(api_key="the-right-key")
     for key in (KEY, "plain-secret-without-prefix-123"):
-        exc = ask_error(fake.base_url, "Explain wind.", key=key)
+        exc = ask_error(fake.base_url, "Explain wind.", key=key, transport=transport)
         assert isinstance(exc, AuthError) and exc.status == 401 and exc.hint
         assert_no_key(exc, key)
-    assert asyncio.run(ask(fake.base_url, "Explain wind.", key="the-right-key")).text
+    # the right key, sent as `Authorization: Bearer`, is accepted
+    assert asyncio.run(ask(fake.base_url, "Explain wind.", key="the-right-key", transport=transport)).text
 
 
-def test_rate_headers_become_reply_rate(make_fake_teacher):
+def test_rate_headers_become_reply_rate(make_fake_teacher, transport):
     fake = make_fake_teacher(rpm=600, tpm=100_000)
-    reply = asyncio.run(ask(fake.base_url, "Explain clouds.", max_tokens=200))
+    reply = asyncio.run(ask(fake.base_url, "Explain clouds.", max_tokens=200, transport=transport))
     rate = reply.rate
     assert (rate.limit_requests, rate.remaining_requests) == (600, 599)
     assert rate.limit_tokens == 100_000
@@ -170,11 +196,11 @@ def test_rate_headers_become_reply_rate(make_fake_teacher):
     assert rate.retry_after_s is None
 
 
-def test_bucket_overflow_is_rate_limited_with_retry_after_about_a_second(make_fake_teacher):
+def test_bucket_overflow_is_rate_limited_with_retry_after_about_a_second(make_fake_teacher, transport):
     fake = make_fake_teacher(rpm=60)
 
     async def burst() -> list:
-        async with TeacherClient(fake.base_url, timeout=5) as client:
+        async with TeacherClient(fake.base_url, timeout=5, transport=transport) as client:
             messages = [Message(role="user", content="Explain ice.")]
             calls = [client.chat(messages, model="fake-teacher", params=PARAMS) for _ in range(61)]
             return await asyncio.gather(*calls, return_exceptions=True)
@@ -185,11 +211,11 @@ def test_bucket_overflow_is_rate_limited_with_retry_after_about_a_second(make_fa
     assert 0.5 < limited[0].retry_after <= 1.0 and limited[0].status == 429
 
 
-def test_headers_off_means_no_rate_state_and_no_retry_after(make_fake_teacher):
+def test_headers_off_means_no_rate_state_and_no_retry_after(make_fake_teacher, transport):
     fake = make_fake_teacher(rpm=1, headers=False)
-    reply = asyncio.run(ask(fake.base_url, "Explain frost."))
+    reply = asyncio.run(ask(fake.base_url, "Explain frost.", transport=transport))
     assert reply.rate == parse_rate_headers({})
-    exc = ask_error(fake.base_url, "Explain frost.")
+    exc = ask_error(fake.base_url, "Explain frost.", transport=transport)
     assert isinstance(exc, RateLimited) and exc.retry_after is None
 
 
@@ -201,15 +227,50 @@ def test_list_models(fake_teacher):
     assert asyncio.run(models()) == ["fake-teacher"]
 
 
-def test_injected_http_client_is_used_and_left_open(fake_teacher):
+def test_injected_http_client_is_used_and_left_open(fake_teacher, transport):
+    seen = []
+
+    async def hook(request: httpx2.Request) -> None:
+        seen.append(request)
+
     async def run() -> bool:
-        async with httpx2.AsyncClient() as http:
-            client = TeacherClient(fake_teacher.base_url, http_client=http)
+        async with httpx2.AsyncClient(event_hooks={"request": [hook]}) as http:
+            client = TeacherClient(fake_teacher.base_url, http_client=http, transport=transport)
             await client.chat([Message(role="user", content="hi")], model="m", params=PARAMS)
             await client.aclose()
             return http.is_closed
 
     assert asyncio.run(run()) is False
+    assert [r.url.path for r in seen] == ["/v1/chat/completions"]
+
+
+def test_unknown_transport_is_rejected():
+    with pytest.raises(ValueError, match="transport"):
+        TeacherClient("http://127.0.0.1:9/v1", transport="carrier-pigeon")
+
+
+def test_both_paths_send_the_same_body_and_the_key_as_bearer(make_fake_teacher):
+    """What the lean path puts on the wire is what the SDK path does (extra body fields included)."""
+    seen: dict[str, list[httpx2.Request]] = {t: [] for t in TRANSPORTS}
+
+    async def run(transport: str) -> None:
+        async def hook(request: httpx2.Request) -> None:
+            seen[transport].append(request)
+
+        async with httpx2.AsyncClient(event_hooks={"request": [hook]}) as http:
+            client = TeacherClient(fake.base_url, api_key=KEY, http_client=http, transport=transport)
+            params = GenerationParams(max_tokens=64, temperature=0.2, seed=7, stop=["\n\n"])
+            messages = [Message(role="system", content="Be brief."), Message(role="user", content="Explain é.")]
+            await client.chat(messages, model="fake-teacher", params=params, extra={"user": "u1"})
+
+    fake = make_fake_teacher()
+    for transport in TRANSPORTS:
+        asyncio.run(run(transport))
+    lean, sdk = seen["httpx"][0], seen["sdk"][0]
+    assert json.loads(lean.content) == json.loads(sdk.content)
+    assert lean.headers["authorization"] == sdk.headers["authorization"] == f"Bearer {KEY}"
+    assert lean.headers["content-type"] == "application/json"
+    assert lean.url == sdk.url
 
 
 # ---------------------------------------------------------------------------------------------- Batch API

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imitate import __version__
-from imitate.config import ImitateConfig, TeacherConfig
+from imitate.config import ImitateConfig, Price, TeacherConfig
 from imitate.errors import (
     TEACHER_FATAL,
     ContentFiltered,
@@ -43,6 +42,35 @@ class _Abandoned(Exception):
     """Internal: a row given up without a record (stopping, or its teacher retired); it stays pending."""
 
 
+class _Doorbell:
+    """Wakes tasks that wait for the limiter as soon as something changed (a request of the teacher finished,
+    freeing a slot and feeding the limiter; or the run is stopping) instead of polling it: a timer and a future
+    per wait, no task."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Future] = set()
+
+    async def wait(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        timer = loop.call_later(timeout, _resolve, fut)
+        self._waiters.add(fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._waiters.discard(fut)
+
+    def ring(self) -> None:
+        for fut in self._waiters:
+            _resolve(fut)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 @dataclass
 class Accum:
     attempts: int = 0
@@ -56,6 +84,7 @@ class TeacherRuntime:
     client: Any  # TeacherClient; Any keeps this module free of the openai import chain in type checks
     limiter: RateLimiter
     queue: asyncio.Queue
+    doorbell: _Doorbell = field(default_factory=_Doorbell)
     dead: str | None = None
     sent: int = 0
     ok: int = 0
@@ -108,6 +137,7 @@ class Collector:
         self._inflight_keys: set[str] = set()
         self._producer_done = False
         self._holding = 0
+        self._prices: dict[str, Price] = {}
         self.teachers: dict[str, TeacherRuntime] = {}
         for t in self.h.teachers:
             self.teachers[t.name] = TeacherRuntime(
@@ -123,6 +153,8 @@ class Collector:
         if self.stop_reason is None:
             self.stop_reason = reason
         self._stopping.set()
+        for rt in self.teachers.values():
+            rt.doorbell.ring()
 
     @property
     def stopping(self) -> bool:
@@ -159,7 +191,7 @@ class Collector:
     # ------------------------------------------------------------------------------------------ producer
 
     def _is_done(self, p: Planned) -> bool:
-        if self.journal.status_of(p.request.key()) is not None:
+        if self.journal.status_of(p.key) is not None:
             return True
         return any(self.journal.status_of(r.key()) is not None for r in self.planner.fallback_requests(p))
 
@@ -170,8 +202,7 @@ class Collector:
                 return
             for p in self.planner.plan(query):
                 self.stats.planned += 1
-                key = p.request.key()
-                if key in self._inflight_keys or self._is_done(p):
+                if p.key in self._inflight_keys or self._is_done(p):
                     self.stats.skipped_done += 1
                     continue
                 rt = self._live_teacher(p)
@@ -196,16 +227,26 @@ class Collector:
         return self.teachers[alt.teacher]
 
     def _estimate(self, req: Request) -> tuple[int, float]:
-        est = estimate_tokens([m.model_dump() for m in req.messages], req.params.max_tokens)
+        est = estimate_tokens(req.messages, req.params.max_tokens)
         prompt = max(0, est - req.params.max_tokens)
-        return est, estimate_cost(self.cfg.price_for(req.model), prompt, req.params.max_tokens)
+        return est, estimate_cost(self._price(req.model), prompt, req.params.max_tokens)
+
+    def _price(self, model: str) -> Price:
+        price = self._prices.get(model)
+        if price is None:  # `price_for` builds a default Price for an unpriced model: once per model, not per row
+            price = self._prices[model] = self.cfg.price_for(model)
+        return price
 
     async def _enqueue(self, rt: TeacherRuntime, p: Planned) -> bool:
         est_tokens, est_usd = self._estimate(p.request)
         if not self.budget.admit(est_usd, est_tokens):
             self.stop(self.budget.describe())
             return False
-        self._inflight_keys.add(p.request.key())
+        self._inflight_keys.add(p.key)
+        if not rt.queue.full():  # the common case: no task, no wait, one yield so dispatchers keep pace
+            rt.queue.put_nowait((p, est_tokens, est_usd))
+            await asyncio.sleep(0)
+            return True
         put = asyncio.create_task(rt.queue.put((p, est_tokens, est_usd)))
         stop = asyncio.create_task(self._stopping.wait())
         await asyncio.wait({put, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -213,7 +254,7 @@ class Collector:
         if not put.done():
             put.cancel()
             self.budget.release(est_usd, est_tokens)
-            self._inflight_keys.discard(p.request.key())
+            self._inflight_keys.discard(p.key)
             return False
         return True
 
@@ -226,8 +267,7 @@ class Collector:
             wait = rt.limiter.try_acquire(est_tokens)
             if wait <= 0:
                 return True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=min(wait, 1.0))
+            await rt.doorbell.wait(min(wait, 1.0))
 
     async def _next_item(self, rt: TeacherRuntime):
         """The next queued row, or None once the producer is done and no queue, dispatcher or task holds work
@@ -269,13 +309,13 @@ class Collector:
 
     async def _reroute(self, p: Planned, est_tokens: int, est_usd: float) -> bool:
         """A row whose teacher was retired goes to a live fallback teacher (True), or stays pending (False)."""
-        old_key, old_teacher = p.request.key(), p.request.teacher
+        old_key, old_teacher = p.key, p.request.teacher
         alt = self._live_teacher(p)
         if alt is None or alt.cfg.name == old_teacher:
             self._abandon(p, est_tokens, est_usd)
             return False
         self._inflight_keys.discard(old_key)
-        self._inflight_keys.add(p.request.key())
+        self._inflight_keys.add(p.key)
         self._holding += 1  # the row is in nobody's queue while we wait for room: dispatchers must not end
         try:
             await alt.queue.put((p, est_tokens, est_usd))
@@ -285,7 +325,7 @@ class Collector:
 
     def _abandon(self, p: Planned, est_tokens: int, est_usd: float) -> None:
         self.budget.release(est_usd, est_tokens)
-        self._inflight_keys.discard(p.request.key())
+        self._inflight_keys.discard(p.key)
 
     def _discard_queue(self, rt: TeacherRuntime) -> None:
         while not rt.queue.empty():
@@ -295,7 +335,7 @@ class Collector:
 
     async def _run_one(self, rt: TeacherRuntime, p: Planned, est_tokens: int, est_usd: float) -> None:
         req = p.request
-        key = req.key()
+        key = p.key
         self.journal.mark_inflight(key)
         acc = Accum()
         params = req.params
@@ -354,9 +394,10 @@ class Collector:
         rt.ok += 1
         rt.tokens += used
         acc.usage = acc.usage + reply.usage
-        cost = self.cfg.price_for(req.model).cost(reply.usage.prompt_tokens, reply.usage.completion_tokens)
+        cost = self._price(req.model).cost(reply.usage.prompt_tokens, reply.usage.completion_tokens)
         acc.cost += cost
         self.budget.spend(cost, used, 1)
+        rt.doorbell.ring()  # a slot is free and the limiter has news: admit the next row now
 
     def _on_error(self, rt: TeacherRuntime, exc: TeacherError, est_tokens: int) -> None:
         if isinstance(exc, RateLimited):
@@ -369,6 +410,7 @@ class Collector:
         self.budget.spend(0.0, 0, 1)
         if isinstance(exc, TEACHER_FATAL):
             self._retire(rt, exc)
+        rt.doorbell.ring()
 
     def _retire(self, rt: TeacherRuntime, exc: TeacherError) -> None:
         if rt.dead is None:
@@ -403,7 +445,7 @@ def build_record(
         teacher=req.teacher,
         model=req.model,
         base_url=req.base_url,
-        request_key=req.key(),
+        request_key=p.key,
         system_prompt_id=req.system_prompt_id,
         system_prompt_sha256=req.system_prompt_sha256,
         params=params,

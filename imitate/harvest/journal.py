@@ -14,6 +14,8 @@ complete line there is a finished request whose index update was lost (it is ind
 last line is cut off (that request was in flight and will be sent again). Keys that were marked in flight and
 have no record are counted as re-sent after a crash. So a kill -9 loses at most the requests in flight.
 The index holds 32-byte keys on disk, not a Python set: RSS stays flat however many rows a run has done.
+Index rows and in-flight marks wait in small buffers until the next flush and go to SQLite in one `executemany`
+each, just before the commit that would have made them durable anyway (lookups see the buffers).
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ class Journal:
         self._unflushed = 0
         self._last_flush = time.monotonic()
         self._in_tx = False
+        # written at the next flush, in this order: clears, marks, index rows (see `_write_pending`)
+        self._pending_rows: dict[bytes, tuple] = {}
+        self._pending_marks: set[bytes] = set()
+        self._pending_clears: set[bytes] = set()
         if not readonly:
             self._recover()
 
@@ -143,10 +149,15 @@ class Journal:
 
     def status_of(self, key: str) -> int | None:
         """1 = completed, 0 = failed (recorded), None = never finished."""
-        row = self.db.execute("SELECT ok FROM done WHERE key=?", (bytes.fromhex(key),)).fetchone()
+        raw = bytes.fromhex(key)
+        pending = self._pending_rows.get(raw)
+        if pending is not None:
+            return pending[1]
+        row = self.db.execute("SELECT ok FROM done WHERE key=?", (raw,)).fetchone()
         return None if row is None else int(row[0])
 
     def totals(self) -> Totals:
+        self._write_pending()
         t = Totals()
         for ok, n, cost, tokens, attempts in self.db.execute(
             "SELECT ok, count(*), sum(cost), sum(tokens), sum(attempts) FROM done GROUP BY ok"
@@ -186,13 +197,29 @@ class Journal:
         self.db.execute("INSERT OR REPLACE INTO done VALUES (?, ?, ?, ?, ?, ?, ?)", row)
 
     def mark_inflight(self, key: str) -> None:
-        self._begin()
-        self.db.execute("INSERT OR IGNORE INTO inflight VALUES (?)", (bytes.fromhex(key),))
+        self._pending_marks.add(bytes.fromhex(key))
 
     def clear_inflight(self, key: str) -> None:
         """The request was given up without being answered (e.g. quota): it is pending, not lost in a crash."""
+        raw = bytes.fromhex(key)
+        self._pending_marks.discard(raw)
+        self._pending_clears.add(raw)
+
+    def _write_pending(self) -> None:
+        """Buffered index rows and marks into the open transaction (clears first, so a key cleared and marked
+        again since the last flush ends up marked)."""
+        if self.readonly or not (self._pending_rows or self._pending_marks or self._pending_clears):
+            return
         self._begin()
-        self.db.execute("DELETE FROM inflight WHERE key=?", (bytes.fromhex(key),))
+        if self._pending_clears:
+            self.db.executemany("DELETE FROM inflight WHERE key=?", ((k,) for k in self._pending_clears))
+        if self._pending_marks:
+            self.db.executemany("INSERT OR IGNORE INTO inflight VALUES (?)", ((k,) for k in self._pending_marks))
+        if self._pending_rows:
+            self.db.executemany("INSERT OR REPLACE INTO done VALUES (?, ?, ?, ?, ?, ?, ?)", self._pending_rows.values())
+        self._pending_clears.clear()
+        self._pending_marks.clear()
+        self._pending_rows.clear()
 
     def _file(self, name: str) -> IO[bytes]:
         f = self._files.get(name)
@@ -217,10 +244,11 @@ class Journal:
         else:
             name = FAILURES
         self._file(name).write(record.to_json().encode("utf-8") + b"\n")
-        self._begin()
         row = self._row_of_record(record)
-        self._index(row)
-        self.db.execute("DELETE FROM inflight WHERE key=?", (row[0],))
+        self._pending_rows.pop(row[0], None)  # a later record of the same key supersedes: keep write order
+        self._pending_rows[row[0]] = row
+        self._pending_marks.discard(row[0])
+        self._pending_clears.add(row[0])
         self._unflushed += 1
         if self._unflushed >= self.fsync_every or time.monotonic() - self._last_flush > 1.0:
             self.flush()
@@ -250,6 +278,7 @@ class Journal:
             return
         self._begin()
         self._flush_files()
+        self._write_pending()
         self._commit()
         self._unflushed = 0
         self._last_flush = time.monotonic()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from imitate.config import BudgetConfig, HarvestConfig, Price, TeacherConfig
 from imitate.errors import ConfigError
@@ -28,11 +27,28 @@ def unit_hash(*parts: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-@dataclass
 class Planned:
-    request: Request
-    query: Query
-    route: str  # "main" or the subset teacher's name
+    """One request planned for a query. `key` is `request.key()`, kept up to date when the request is replaced
+    (re-routing): it hashes the whole request, and the collector needs it several times per row."""
+
+    __slots__ = ("_request", "key", "query", "route")
+
+    def __init__(self, request: Request, query: Query, route: str):
+        self.request = request
+        self.query = query
+        self.route = route  # "main" or the subset teacher's name
+
+    @property
+    def request(self) -> Request:
+        return self._request
+
+    @request.setter
+    def request(self, request: Request) -> None:
+        self._request = request
+        self.key = request.key()
+
+    def __repr__(self) -> str:
+        return f"Planned(request={self._request!r}, query={self.query!r}, route={self.route!r})"
 
 
 class Planner:

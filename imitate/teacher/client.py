@@ -1,11 +1,22 @@
 """The teacher client: the only module that imports `openai`. Every SDK failure is translated here, once.
 
-`TeacherClient.chat` sends one chat completion through the SDK's raw-response API (so the rate-limit headers
-are readable), with the SDK's own retries off: the harvester's retry policy decides. It returns a `Reply` even
-when `finish_reason` is "length" or "content_filter"; `check_finish` turns those into errors for callers that
-want that. The Batch API methods return plain dicts / bytes so no openai type leaks past this module.
+`TeacherClient.chat` sends one chat completion and returns a `Reply` even when `finish_reason` is "length" or
+"content_filter"; `check_finish` turns those into errors for callers that want that. Two paths behind one seam
+(`_send`, which returns the raw 200 body and its headers):
 
-Error mapping (`error_for_status` for HTTP statuses, `_translate` for SDK exceptions):
+- `transport="httpx"` (default): one pre-built POST straight through httpx2 transports. In a profile of the
+  harvester the SDK's per-request parameter transform cost more than the whole HTTP round trip, and the
+  harvester needs nothing from the SDK on this path but a JSON POST (bench/RESULTS.md, "Harvest overhead").
+  The connections live in several small pools used in turn (`_Pools`); with an injected `http_client`, or
+  when proxy environment variables are set, the POST goes through `http_client.send` instead.
+- `transport="sdk"`: the openai SDK's raw-response API (so the rate-limit headers are readable).
+
+Both have the SDK's own retries off (the harvester's retry policy decides), send the key as
+`Authorization: Bearer`, and map failures onto the same errors. The Batch API and model listing always use the
+SDK; they return plain dicts / bytes so no openai type leaks past this module. `openai` is imported on first use
+of the SDK (in the methods below): importing it takes ~1.5 s, which the lean path never needs to pay.
+
+Error mapping (`error_for_status` for HTTP statuses, `_translate` / `_send_httpx` for exceptions):
 
     429 insufficient_quota / billing      QuotaExhausted        401, 403                 AuthError
     429 otherwise                         RateLimited           400 context length       ContextTooLong
@@ -18,16 +29,19 @@ Messages never contain the API key: anything echoed by the server passes through
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 import time
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx2
-import openai
 
+from imitate import __version__
 from imitate.errors import (
     AuthError,
     BadRequest,
@@ -50,6 +64,7 @@ _QUOTA_HINTS = ("insufficient_quota", "billing", "exceeded your current quota", 
 _CONTEXT_HINTS = ("context_length_exceeded", "maximum context length", "context size", "context window")
 _FILTER_CODES = {"content_filter", "content_policy_violation"}
 _KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+")
+POOL_CONNECTIONS = 32  # connections per httpx2 transport on the lean path (see `_Pools`)
 
 
 def _scrub(text: str, api_key: str | None) -> str:
@@ -135,6 +150,41 @@ def check_finish(reply: Reply) -> None:
         raise ContentFiltered("answer stopped by the content filter", request_id=reply.request_id)
 
 
+class _Pools:
+    """The lean path's connections: several small httpx2 transports, used in turn. httpcore2's pool does work
+    in proportion to its connections on every request (it scans them all, probing idle sockets), so one pool
+    with hundreds of requests in flight costs twice the CPU per request of a pool of 32 (bench/RESULTS.md);
+    small pools keep the cost flat however many requests are in flight."""
+
+    def __init__(self, max_connections: int):
+        n = max(1, math.ceil(max_connections / POOL_CONNECTIONS))
+        per = math.ceil(max_connections / n)
+        limits = httpx2.Limits(max_connections=per, max_keepalive_connections=per)
+        ssl_context = httpx2.create_ssl_context()  # one, shared: loading the CA bundle per pool is slow
+        self.transports = [httpx2.AsyncHTTPTransport(verify=ssl_context, limits=limits) for _ in range(n)]
+        self._turn = itertools.cycle(self.transports)
+
+    async def send(self, request: httpx2.Request) -> tuple[int, httpx2.Headers, bytes]:
+        response = await next(self._turn).handle_async_request(request)
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        return response.status_code, response.headers, content
+
+    async def aclose(self) -> None:
+        for transport in self.transports:
+            await transport.aclose()
+
+
+def _error_body(content: bytes) -> object:
+    """An error response's body as the SDK would hand it over: parsed JSON, else the text."""
+    try:
+        return json.loads(content)
+    except ValueError:
+        return content.decode("utf-8", "replace")
+
+
 class TeacherClient:
     """One OpenAI-compatible endpoint. `async with TeacherClient(base_url, api_key=...) as client: ...`"""
 
@@ -146,17 +196,48 @@ class TeacherClient:
         timeout: float = 120.0,
         max_connections: int = 1000,
         http_client: httpx2.AsyncClient | None = None,
+        transport: Literal["httpx", "sdk"] = "httpx",
     ):
+        if transport not in ("httpx", "sdk"):
+            raise ValueError(f"transport must be 'httpx' or 'sdk', not {transport!r}")
         self.base_url = base_url.rstrip("/")
+        self.transport = transport
         self._api_key = api_key
         self._owns_http = http_client is None
+        self._timeout = httpx2.Timeout(timeout, connect=min(timeout, 10.0))
         self._http = http_client or httpx2.AsyncClient(
-            timeout=httpx2.Timeout(timeout, connect=min(timeout, 10.0)),
+            timeout=self._timeout,
             limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
-        self._sdk = openai.AsyncOpenAI(
-            api_key=api_key or NO_KEY, base_url=self.base_url, timeout=timeout, max_retries=0, http_client=self._http
-        )
+        self._sdk_client: Any = None  # openai.AsyncOpenAI, made on first use (`_sdk`)
+        self._timeout_s = timeout
+        # the lean path's constant parts, built once: URL, headers (the key as a bearer token), timeouts
+        self._chat_url = httpx2.URL(self.base_url + "/chat/completions")
+        self._headers = [
+            (b"Authorization", f"Bearer {api_key or NO_KEY}".encode()),
+            (b"Content-Type", b"application/json"),
+            (b"Accept", b"application/json"),
+            (b"User-Agent", f"imitate/{__version__}".encode()),
+        ]
+        self._extensions = {"timeout": self._timeout.as_dict()}
+        # an owned client without proxies sends through small pools; otherwise through `http_client.send`,
+        # which applies whatever the caller (or the proxy environment) configured
+        use_pools = self._owns_http and transport == "httpx" and not urllib.request.getproxies()
+        self._pools = _Pools(max_connections) if use_pools else None
+
+    @property
+    def _sdk(self) -> Any:
+        if self._sdk_client is None:
+            import openai
+
+            self._sdk_client = openai.AsyncOpenAI(
+                api_key=self._api_key or NO_KEY,
+                base_url=self.base_url,
+                timeout=self._timeout_s,
+                max_retries=0,
+                http_client=self._http,
+            )
+        return self._sdk_client
 
     async def __aenter__(self) -> TeacherClient:
         return self
@@ -165,6 +246,8 @@ class TeacherClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._pools is not None:
+            await self._pools.aclose()
         if self._owns_http:  # an injected client belongs to whoever made it
             await self._http.aclose()
 
@@ -173,21 +256,52 @@ class TeacherClient:
     async def chat(
         self, messages: list[Message], *, model: str, params: GenerationParams, extra: dict[str, Any] | None = None
     ) -> Reply:
-        body = {"model": model, "messages": [m.model_dump() for m in messages], **params.api_kwargs()}
+        body = {"model": model, "messages": [{"role": m.role, "content": m.content} for m in messages]}
+        body.update(params.api_kwargs())
         start = time.perf_counter()
         content, headers = await self._send(body, extra)
         return reply_from_body(content, headers, time.perf_counter() - start)
 
     async def _send(self, body: dict[str, Any], extra: dict[str, Any] | None) -> tuple[bytes, Mapping[str, str]]:
-        """POST one completion; (raw body, headers) of the 200 or a TeacherError. A lean raw-httpx2 path
-        would replace only this method, reusing `error_for_status` and `reply_from_body`."""
+        """POST one completion; (raw body, headers) of the 200 or a TeacherError."""
+        if self.transport == "sdk":
+            return await self._send_sdk(body, extra)
+        return await self._send_httpx(body, extra)
+
+    async def _send_sdk(self, body: dict[str, Any], extra: dict[str, Any] | None) -> tuple[bytes, Mapping[str, str]]:
+        import openai
+
         try:
             raw = await self._sdk.chat.completions.with_raw_response.create(**body, extra_body=extra)
         except openai.OpenAIError as exc:
             raise self._translate(exc, "chat completion") from exc
         return raw.http_response.content, raw.http_response.headers
 
-    def _translate(self, exc: openai.OpenAIError, what: str) -> TeacherError:
+    async def _send_httpx(self, body: dict[str, Any], extra: dict[str, Any] | None) -> tuple[bytes, Mapping[str, str]]:
+        """The same POST without the SDK: the errors are those the SDK path maps to (timeouts and connection
+        failures -> NetworkError, statuses through `error_for_status`)."""
+        payload = json.dumps({**body, **extra} if extra else body, ensure_ascii=False, separators=(",", ":"))
+        request = httpx2.Request(
+            "POST", self._chat_url, headers=self._headers, content=payload.encode(), extensions=self._extensions
+        )
+        try:
+            if self._pools is not None:
+                status, headers, content = await self._pools.send(request)
+            else:
+                response = await self._http.send(request)
+                status, headers, content = response.status_code, response.headers, response.content
+        except httpx2.TimeoutException as exc:
+            raise NetworkError(f"chat completion: timed out talking to {self.base_url}") from exc
+        except (httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError) as exc:
+            detail = _scrub(f"{type(exc).__name__}: {exc}", self._api_key)
+            raise NetworkError(f"chat completion: connection to {self.base_url} failed ({detail})") from exc
+        if not 200 <= status < 300:
+            raise error_for_status(status, headers, _error_body(content), api_key=self._api_key)
+        return content, headers
+
+    def _translate(self, exc: Exception, what: str) -> TeacherError:
+        import openai
+
         if isinstance(exc, openai.APIStatusError):
             return error_for_status(exc.status_code, exc.response.headers, exc.body, api_key=self._api_key)
         if isinstance(exc, openai.APITimeoutError):
@@ -201,6 +315,8 @@ class TeacherClient:
     # ------------------------------------------------------------------------------------------ models, batches
 
     async def list_models(self) -> list[str]:
+        import openai
+
         try:
             page = await self._sdk.models.list()
         except openai.OpenAIError as exc:
@@ -209,6 +325,8 @@ class TeacherClient:
 
     async def upload_batch_file(self, path: str | Path) -> str:
         """Upload a batch input JSONL (purpose "batch"); returns the file id."""
+        import openai
+
         path = Path(path)
         try:
             data = path.read_bytes()
@@ -229,6 +347,8 @@ class TeacherClient:
         metadata: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Start a batch; returns the batch object as a plain dict (id, status, output_file_id, ...)."""
+        import openai
+
         try:
             batch = await self._sdk.batches.create(
                 input_file_id=file_id,
@@ -241,6 +361,8 @@ class TeacherClient:
         return batch.model_dump(mode="json")
 
     async def get_batch(self, batch_id: str) -> dict[str, Any]:
+        import openai
+
         try:
             batch = await self._sdk.batches.retrieve(batch_id)
         except openai.OpenAIError as exc:
@@ -248,6 +370,8 @@ class TeacherClient:
         return batch.model_dump(mode="json")
 
     async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        import openai
+
         try:
             batch = await self._sdk.batches.cancel(batch_id)
         except openai.OpenAIError as exc:
@@ -255,6 +379,8 @@ class TeacherClient:
         return batch.model_dump(mode="json")
 
     async def download_file(self, file_id: str) -> bytes:
+        import openai
+
         try:
             response = await self._sdk.files.content(file_id)
         except openai.OpenAIError as exc:
