@@ -46,7 +46,7 @@ format: install
 demo: install
 	IMITATE_MODEL_DIR=$(MODEL_DIR) bash data/samples/demo.sh
 
-# ~25 min on 2 cores; bench/RESULTS.md has the numbers and the full-size commands (memory: --rows 1000000)
+# ~30 min on 2 cores; bench/RESULTS.md has the numbers and the full-size commands (memory: --rows 1000000)
 bench: install
 	$(BIN)/python bench/fake_teacher_ceiling.py
 	$(BIN)/python bench/harvest_overhead.py --rows 10000 --repeat 2

@@ -237,8 +237,13 @@ def main() -> None:
                       f"{r['cpu'] / args.rows * 1e6:.0f} | {r['server_cpu'] / args.rows * 1e6:.0f} | "
                       f"{ratio:.2f}x |", flush=True)  # fmt: skip
         best = {role: max(x["rate"] for x in rs) for role, rs in results.items()}
-        ratios = [i["rate"] / b["rate"] for b, i in zip(results["baseline"], results["imitate"], strict=True)]
+        pairs = list(zip(results["baseline"], results["imitate"], strict=True))
+        ratios = [i["rate"] / b["rate"] for b, i in pairs]
+        cpu_ratios = [b["cpu"] / i["cpu"] for b, i in pairs]  # rows per CPU-second: what one free core would do
         print("\nbest req/s: " + ", ".join(f"{k} {v:.0f}" for k, v in best.items()))
+        print(f"imitate / baseline CPU per row, per round: {', '.join(f'{x:.2f}x' for x in cpu_ratios)}; "
+              f"one free core would do ~{1e6 / min(i['cpu'] / args.rows * 1e6 for i in results['imitate']):.0f} "
+              f"req/s of imitate")  # fmt: skip
         print(f"imitate / baseline per round: {', '.join(f'{x:.2f}x' for x in ratios)} (target >= 3x); "
               f"imitate >= 500 req/s: {'yes' if best['imitate'] >= 500 else 'NO'}; "
               f"load average after {os.getloadavg()[0]:.2f}")  # fmt: skip

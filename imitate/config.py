@@ -313,7 +313,7 @@ class TrainConfig(_Cfg):
     over_length: Literal["drop", "truncate-prompt", "error"] = "drop"
     chat_template: str | None = Field(None, description="Jinja template overriding the tokenizer's")
     batching: Literal["pack", "pad"] = "pack"
-    pack_length: int | None = Field(1024, ge=8, description="tokens per packed row; None = max_length")
+    pack_length: int | None = Field(None, ge=8, description="tokens per packed row; None = max_length")
     batch_rows: int = Field(1, ge=1, description="rows per micro-batch")
     grad_accum: int = Field(4, ge=1, description="micro-batches per optimizer step (per process)")
     epochs: int = Field(1, ge=1, description="used when no stages are given")
