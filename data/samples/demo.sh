@@ -44,3 +44,8 @@ for r in rows[:3]:
     print("Q:", r.query.question)
     print("A:", (r.response or "")[:300])
 PY
+
+echo "== 6. LoRA-train the SmolLM2-135M student on the harvested rows for a few steps (CPU)"
+rm -rf data/runs/demo-student
+imitate train "$OUT" --out data/runs/demo-student --set train.max_steps=2 --set train.grad_accum=1 \
+  --set train.eval_fraction=0 2>&1 | grep -v "de-quantizing GGUF"
