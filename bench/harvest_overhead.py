@@ -9,10 +9,11 @@ both alike; the ratio within a round is the number that survives noise.
 
 - baseline: the straightforward harvester a user writes first: AsyncOpenAI with its default retries,
             asyncio.Semaphore(64), asyncio.gather over every row, one JSON line written per answer.
-- imitate:  `imitate.harvest.run.harvest` (the `imitate harvest` entry point) with its defaults (lean httpx2
+- imitate:  `imitate.harvest.run.harvest` (the `imitate harvest` entry point) with its defaults (the `wire`
             transport, journal, limiter with no limits configured), preset `none` so that both send the same
             requests.
-- imitate-sdk (with --sdk): the same with `TeacherClient(transport="sdk")`, to show what the lean path buys.
+- imitate-httpx (with --httpx): the same with `TeacherClient(transport="httpx")` (httpx2 in small pools).
+- imitate-sdk (with --sdk): the same with `TeacherClient(transport="sdk")`, to show what the lean paths buy.
 
 `--profile` runs imitate once more under cProfile and prints where its CPU goes, grouped by layer.
 """
@@ -106,13 +107,13 @@ def imitate_config(base_url: str, *extra: str):
     )
 
 
-async def imitate(base_url: str, input_path: str, out_path: str, transport: str = "httpx") -> dict:
+async def imitate(base_url: str, input_path: str, out_path: str, transport: str | None = None) -> dict:
     from imitate.harvest.run import harvest
     from imitate.teacher.client import TeacherClient
 
     cfg = imitate_config(base_url)
     clients = None
-    if transport != "httpx":
+    if transport is not None:
         t = cfg.harvest.teachers[0]
         clients = {t.name: TeacherClient(t.base_url, timeout=t.timeout_s, transport=transport)}
     start = time.perf_counter()
@@ -125,7 +126,12 @@ async def imitate(base_url: str, input_path: str, out_path: str, transport: str 
     return {"ok": run["ok"], "lost": run["failed"], "wall": wall}
 
 
-ROLES = {"baseline": baseline, "imitate": imitate, "imitate-sdk": lambda *a: imitate(*a, transport="sdk")}
+ROLES = {
+    "baseline": baseline,
+    "imitate": imitate,
+    "imitate-httpx": lambda *a: imitate(*a, transport="httpx"),
+    "imitate-sdk": lambda *a: imitate(*a, transport="sdk"),
+}
 
 
 def child(role: str, base_url: str, input_path: str, out_path: str, profile: str | None) -> None:
@@ -158,6 +164,7 @@ GROUPS = [  # first match wins: (label, substrings of the profile's file name / 
     ("journal: sqlite", ("sqlite3",)),
     ("journal: fsync / file writes", ("posix.fsync", "BufferedWriter", "FileIO", "_io.")),
     ("limiter", ("imitate/teacher/limiter",)),
+    ("HTTP: imitate/teacher/wire (HTTP/1.1 client)", ("imitate/teacher/wire",)),
     ("teacher client + reply parsing", ("imitate/teacher/client", "imitate/teacher/reply")),
     ("harvest: collector/journal/plan/run/sources", ("imitate/harvest/",)),
     ("records/prompts (imitate)", ("imitate/",)),
@@ -201,6 +208,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=2, help="rounds of (baseline, imitate)")
+    parser.add_argument("--httpx", action="store_true", help="also run imitate on the httpx2 transport")
     parser.add_argument("--sdk", action="store_true", help="also run imitate on the SDK transport")
     parser.add_argument("--profile", action="store_true", help="profile imitate once more and group the CPU")
     parser.add_argument("--child", choices=sorted(ROLES), help=argparse.SUPPRESS)
@@ -215,7 +223,7 @@ def main() -> None:
 
     from imitate.teacher.fake import FakeTeacherServer
 
-    roles = ["baseline", "imitate"] + (["imitate-sdk"] if args.sdk else [])
+    roles = ["baseline", "imitate"] + (["imitate-httpx"] if args.httpx else []) + (["imitate-sdk"] if args.sdk else [])
     print(f"harvest overhead: {os.cpu_count()} cpus, {args.rows} rows, zero-latency unlimited fake in its own "
           f"process, {args.repeat} round(s) of {', '.join(roles)}; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="imitate-bench-") as d, FakeTeacherServer(process=True) as server:

@@ -59,6 +59,11 @@ class TeacherConfig(_Cfg):
         description="send a copy of this share of queries (chosen by id hash) here, besides the main route",
     )
     fallback: bool = Field(False, description="only used when the routed teacher is out of quota or down")
+    transport: Literal["wire", "httpx", "sdk"] = Field(
+        "wire",
+        description="how chat requests are sent: wire = imitate's lean HTTP/1.1 client (fastest), httpx = httpx2, "
+        "sdk = the openai SDK; with proxy environment variables set, wire and httpx go through httpx2",
+    )
 
 
 class FieldMap(_Cfg):
@@ -330,6 +335,14 @@ class TrainConfig(_Cfg):
     resume: str | None = Field(None, description="'latest' or a checkpoint directory")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bf16 on GPUs with it, else fp32")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="QLoRA: load the base in 4/8 bit (bitsandbytes; CUDA only: pip install 'imitate[gpu]')"
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="auto = per-example SDPA when packing, else transformers' default; flash_attention_2 needs "
+        "CUDA and flash-attn",
+    )
     cache_dir: str | None = Field(None, description="tokenised-data cache; None = $IMITATE_CACHE_DIR or ~/.cache")
     check_examples: int = Field(3, ge=0, description="examples dumped by --check")
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -341,6 +354,17 @@ class TrainConfig(_Cfg):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"stage names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _flash_packs_one_row(self) -> TrainConfig:
+        # flash-attn separates packed examples by position_ids only for a single row per batch; with more rows
+        # transformers runs plain causal attention over each row and packed examples would attend to each other.
+        if self.attn_implementation == "flash_attention_2" and self.batching == "pack" and self.batch_rows > 1:
+            raise ValueError(
+                "train.attn_implementation=flash_attention_2 keeps packed examples apart only with "
+                "train.batch_rows=1; set batch_rows=1, batching=pad, or attn_implementation=auto"
+            )
         return self
 
 

@@ -213,10 +213,8 @@ def test_batch_request_files_respect_line_and_byte_limits(tmp_path: Path):
     from imitate.harvest.plan import Planned
     from imitate.records import Message, Query, Request
 
-    state = BatchState(tmp_path)
-    w = _Writer(state, "t", 0, max_lines=3, max_bytes=10_000)
-    for i in range(7):
-        q = Query(id=f"q{i}", question="x" * 50)
+    def planned(qid: str, question: str) -> Planned:
+        q = Query(id=qid, question=question)
         req = Request(
             query_id=q.id,
             teacher="t",
@@ -224,20 +222,17 @@ def test_batch_request_files_respect_line_and_byte_limits(tmp_path: Path):
             base_url="http://b/v1",
             messages=[Message(role="user", content=q.question)],
         )
-        w.add(Planned(req, q, "main"))
+        return Planned(req, q, "main")
+
+    state = BatchState(tmp_path)
+    w = _Writer(state, "t", 0, max_lines=3, max_bytes=10_000)
+    for i in range(7):
+        w.add(planned(f"q{i}", "x" * 50))
     w.close()
     assert [len(p.read_text().splitlines()) for p, _ in w.files] == [3, 3, 1]
     small = _Writer(state, "t", 1, max_lines=100, max_bytes=600)
     for i in range(5):
-        q = Query(id=f"s{i}", question="y" * 100)
-        req = Request(
-            query_id=q.id,
-            teacher="t",
-            model="m",
-            base_url="http://b/v1",
-            messages=[Message(role="user", content=q.question)],
-        )
-        small.add(Planned(req, q, "main"))
+        small.add(planned(f"s{i}", "y" * 100))
     small.close()
     assert all(p.stat().st_size <= 600 for p, _ in small.files) and len(small.files) > 1
     assert sum(len(p.read_text().splitlines()) for p, _ in small.files) == 5

@@ -27,10 +27,11 @@ from imitate.errors import (
 from imitate.records import GenerationParams, Message
 from imitate.teacher.client import TeacherClient, check_finish, error_for_status, reply_from_body
 from imitate.teacher.reply import Reply, format_duration, parse_duration, parse_rate_headers
+from imitate.teacher.wire import WireError
 
 KEY = "sk-imitate-test-DO-NOT-LEAK-7f3a9c0e"
 PARAMS = GenerationParams(max_tokens=256)
-TRANSPORTS = ["httpx", "sdk"]  # the lean default path and the SDK path must behave the same
+TRANSPORTS = ["wire", "httpx", "sdk"]  # the lean default path, httpx2 and the SDK path must behave the same
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -39,7 +40,7 @@ def transport(request) -> str:
 
 
 async def ask(
-    base_url: str, question: str, *, timeout: float = 5.0, key: str = KEY, transport: str = "httpx", **params
+    base_url: str, question: str, *, timeout: float = 5.0, key: str = KEY, transport: str = "wire", **params
 ) -> Reply:
     async with TeacherClient(base_url, api_key=key, timeout=timeout, transport=transport) as client:
         messages = [Message(role="system", content="Explain step by step."), Message(role="user", content=question)]
@@ -96,8 +97,8 @@ def test_each_fault_maps_onto_one_error_class(fake_teacher, transport, fault, er
     assert exc.status == status
     if transport == "sdk":
         assert isinstance(exc.__cause__, openai.OpenAIError | ValueError | LookupError)  # translated once, chained
-    elif status is None or status == 200:  # the lean path: exceptions are chained, a status needs no cause
-        assert isinstance(exc.__cause__, httpx2.TransportError | ValueError | LookupError)
+    elif status is None or status == 200:  # the lean paths: exceptions are chained, a status needs no cause
+        assert isinstance(exc.__cause__, httpx2.TransportError | WireError | ValueError | LookupError)
     if status is not None:
         assert exc.request_id and exc.request_id.startswith("req_")
     assert_no_key(exc)
@@ -266,7 +267,9 @@ def test_both_paths_send_the_same_body_and_the_key_as_bearer(make_fake_teacher):
     fake = make_fake_teacher()
     for transport in TRANSPORTS:
         asyncio.run(run(transport))
+    assert [r.url.path for r in seen["wire"]] == ["/v1/chat/completions"]  # injected client: wire defers to it
     lean, sdk = seen["httpx"][0], seen["sdk"][0]
+    assert json.loads(seen["wire"][0].content) == json.loads(sdk.content)
     assert json.loads(lean.content) == json.loads(sdk.content)
     assert lean.headers["authorization"] == sdk.headers["authorization"] == f"Bearer {KEY}"
     assert lean.headers["content-type"] == "application/json"

@@ -47,6 +47,7 @@ def _clients(cfg: ImitateConfig) -> dict[str, Any]:
             api_key=keys[t.name],
             timeout=t.timeout_s,
             max_connections=max(64, t.max_concurrency * 2),
+            transport=t.transport,
         )
         for t in cfg.harvest.teachers
     }

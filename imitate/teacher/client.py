@@ -1,22 +1,23 @@
 """The teacher client: the only module that imports `openai`. Every SDK failure is translated here, once.
 
 `TeacherClient.chat` sends one chat completion and returns a `Reply` even when `finish_reason` is "length" or
-"content_filter"; `check_finish` turns those into errors for callers that want that. Two paths behind one seam
+"content_filter"; `check_finish` turns those into errors for callers that want that. Three paths behind one seam
 (`_send`, which returns the raw 200 body and its headers):
 
-- `transport="httpx"` (default): one pre-built POST straight through httpx2 transports. In a profile of the
-  harvester the SDK's per-request parameter transform cost more than the whole HTTP round trip, and the
-  harvester needs nothing from the SDK on this path but a JSON POST (bench/RESULTS.md, "Harvest overhead").
-  The connections live in several small pools used in turn (`_Pools`); with an injected `http_client`, or
-  when proxy environment variables are set, the POST goes through `http_client.send` instead.
+- `transport="wire"` (default): one pre-encoded POST over `imitate.teacher.wire`, a minimal HTTP/1.1 client on
+  asyncio protocols. The harvester needs nothing from the SDK on this path but a JSON POST, and both the SDK
+  (its per-request parameter transform) and httpx2 (three quarters of the harvester's CPU per row) were the
+  bottleneck of a fast harvest (bench/RESULTS.md, "Harvest overhead"). With an injected `http_client`, or when
+  proxy environment variables are set, the POST goes through `http_client.send` (httpx2) instead.
+- `transport="httpx"`: the same POST through httpx2 transports, in several small pools used in turn (`_Pools`).
 - `transport="sdk"`: the openai SDK's raw-response API (so the rate-limit headers are readable).
 
-Both have the SDK's own retries off (the harvester's retry policy decides), send the key as
+All three have no retries of their own (the harvester's retry policy decides), send the key as
 `Authorization: Bearer`, and map failures onto the same errors. The Batch API and model listing always use the
 SDK; they return plain dicts / bytes so no openai type leaks past this module. `openai` is imported on first use
-of the SDK (in the methods below): importing it takes ~1.5 s, which the lean path never needs to pay.
+of the SDK (in the methods below): importing it takes ~1.5 s, which the lean paths never need to pay.
 
-Error mapping (`error_for_status` for HTTP statuses, `_translate` / `_send_httpx` for exceptions):
+Error mapping (`error_for_status` for HTTP statuses, `_translate` / `_send_lean` for exceptions):
 
     429 insufficient_quota / billing      QuotaExhausted        401, 403                 AuthError
     429 otherwise                         RateLimited           400 context length       ContextTooLong
@@ -58,13 +59,15 @@ from imitate.errors import (
 )
 from imitate.records import GenerationParams, Message, Usage
 from imitate.teacher.reply import Reply, parse_rate_headers
+from imitate.teacher.wire import WireClient, WireError
 
 NO_KEY = "not-needed"  # local servers (vLLM, llama.cpp, the fake) need no key but the SDK insists on one
 _QUOTA_HINTS = ("insufficient_quota", "billing", "exceeded your current quota", "credit balance")
 _CONTEXT_HINTS = ("context_length_exceeded", "maximum context length", "context size", "context window")
 _FILTER_CODES = {"content_filter", "content_policy_violation"}
 _KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+")
-POOL_CONNECTIONS = 32  # connections per httpx2 transport on the lean path (see `_Pools`)
+POOL_CONNECTIONS = 32  # connections per httpx2 transport on the httpx path (see `_Pools`)
+TRANSPORTS = ("wire", "httpx", "sdk")
 
 
 def _scrub(text: str, api_key: str | None) -> str:
@@ -196,10 +199,10 @@ class TeacherClient:
         timeout: float = 120.0,
         max_connections: int = 1000,
         http_client: httpx2.AsyncClient | None = None,
-        transport: Literal["httpx", "sdk"] = "httpx",
+        transport: Literal["wire", "httpx", "sdk"] = "wire",
     ):
-        if transport not in ("httpx", "sdk"):
-            raise ValueError(f"transport must be 'httpx' or 'sdk', not {transport!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
         self.base_url = base_url.rstrip("/")
         self.transport = transport
         self._api_key = api_key
@@ -213,17 +216,29 @@ class TeacherClient:
         self._timeout_s = timeout
         # the lean path's constant parts, built once: URL, headers (the key as a bearer token), timeouts
         self._chat_url = httpx2.URL(self.base_url + "/chat/completions")
-        self._headers = [
-            (b"Authorization", f"Bearer {api_key or NO_KEY}".encode()),
-            (b"Content-Type", b"application/json"),
-            (b"Accept", b"application/json"),
-            (b"User-Agent", f"imitate/{__version__}".encode()),
+        headers = [
+            ("Authorization", f"Bearer {api_key or NO_KEY}"),
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json"),
+            ("User-Agent", f"imitate/{__version__}"),
         ]
+        self._headers = [(name.encode(), value.encode()) for name, value in headers]
         self._extensions = {"timeout": self._timeout.as_dict()}
-        # an owned client without proxies sends through small pools; otherwise through `http_client.send`,
-        # which applies whatever the caller (or the proxy environment) configured
-        use_pools = self._owns_http and transport == "httpx" and not urllib.request.getproxies()
-        self._pools = _Pools(max_connections) if use_pools else None
+        # an owned client without proxies sends through our own connections (wire, or small httpx2 pools);
+        # otherwise through `http_client.send`, which applies whatever the caller (or the environment) configured
+        own = self._owns_http and not urllib.request.getproxies()
+        self._wire: WireClient | None = None
+        self._pools: _Pools | None = None
+        if own and transport == "wire":
+            self._wire = WireClient(
+                self.base_url,
+                headers,
+                max_connections=max_connections,
+                connect_timeout=min(timeout, 10.0),
+                ssl_context=httpx2.create_ssl_context(),  # the CA bundle httpx2 and the SDK would use
+            )
+        elif own and transport == "httpx":
+            self._pools = _Pools(max_connections)
 
     @property
     def _sdk(self) -> Any:
@@ -246,6 +261,8 @@ class TeacherClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._wire is not None:
+            await self._wire.aclose()
         if self._pools is not None:
             await self._pools.aclose()
         if self._owns_http:  # an injected client belongs to whoever made it
@@ -266,7 +283,7 @@ class TeacherClient:
         """POST one completion; (raw body, headers) of the 200 or a TeacherError."""
         if self.transport == "sdk":
             return await self._send_sdk(body, extra)
-        return await self._send_httpx(body, extra)
+        return await self._send_lean(body, extra)
 
     async def _send_sdk(self, body: dict[str, Any], extra: dict[str, Any] | None) -> tuple[bytes, Mapping[str, str]]:
         import openai
@@ -277,10 +294,23 @@ class TeacherClient:
             raise self._translate(exc, "chat completion") from exc
         return raw.http_response.content, raw.http_response.headers
 
-    async def _send_httpx(self, body: dict[str, Any], extra: dict[str, Any] | None) -> tuple[bytes, Mapping[str, str]]:
+    async def _send_lean(self, body: dict[str, Any], extra: dict[str, Any] | None) -> tuple[bytes, Mapping[str, str]]:
         """The same POST without the SDK: the errors are those the SDK path maps to (timeouts and connection
         failures -> NetworkError, statuses through `error_for_status`)."""
         payload = json.dumps({**body, **extra} if extra else body, ensure_ascii=False, separators=(",", ":"))
+        if self._wire is not None:
+            try:
+                status, headers, content = await self._wire.post(
+                    "chat/completions", payload.encode(), timeout=self._timeout_s
+                )
+            except WireError as exc:
+                if exc.timeout:
+                    raise NetworkError(f"chat completion: timed out talking to {self.base_url} ({exc})") from exc
+                detail = _scrub(str(exc), self._api_key)
+                raise NetworkError(f"chat completion: connection to {self.base_url} failed ({detail})") from exc
+            if not 200 <= status < 300:
+                raise error_for_status(status, headers, _error_body(content), api_key=self._api_key)
+            return content, headers
         request = httpx2.Request(
             "POST", self._chat_url, headers=self._headers, content=payload.encode(), extensions=self._extensions
         )

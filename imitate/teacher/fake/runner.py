@@ -154,19 +154,9 @@ async def serve(
         await fake.stop()
 
 
-def serve_forever(
-    host: str = "127.0.0.1",
-    port: int = 8089,
-    rpm: int | None = None,
-    tpm: int | None = None,
-    faults: str | dict[str, float] | None = None,
-    latency: float = 0.0,
-    headers: bool = True,
-    seed: int = 0,
-    **options: Any,
-) -> None:
-    """`serve` in its own event loop until SIGINT/SIGTERM (for callers without one, like `main`)."""
-    options |= {"rpm": rpm, "tpm": tpm, "faults": faults, "latency": latency, "headers": headers, "seed": seed}
+def serve_forever(host: str = "127.0.0.1", port: int = 8089, **options: Any) -> None:
+    """`serve(host, port, **options)` in its own event loop until SIGINT/SIGTERM (for callers without one, like
+    `main`). The options are `serve`'s, listed there once."""
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(host, port, **options))
 
