@@ -8,7 +8,8 @@ its GIL. Three load generators, each run alone for the same duration with varied
 - raw:     pre-encoded HTTP/1.1 requests over plain asyncio sockets, the cheapest possible client, so the
            number is the server's ceiling;
 - httpx2:  httpx2.AsyncClient posting JSON, what a lean raw path in the client would cost;
-- sdk:     imitate.teacher.client.TeacherClient (openai SDK, raw-response API), what the harvester pays today.
+- teacher-wire / -httpx / -sdk: imitate.teacher.client.TeacherClient on each transport (`wire`, the default, is
+           imitate's own HTTP/1.1 client; `sdk` is the openai SDK's raw-response API).
 
 The machine may be shared: "req/s per server core" (rate / server CPU share) is the number that survives noise.
 """
@@ -25,6 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import httpx2
+from benchutil import cpu_seconds
 
 from imitate.records import GenerationParams, Message
 from imitate.teacher.client import TeacherClient
@@ -97,25 +99,15 @@ async def httpx_client(base_url: str, seconds: float, concurrency: int) -> float
         return await _drive(seconds, concurrency, one)
 
 
-async def sdk_client(base_url: str, seconds: float, concurrency: int) -> float:
+async def teacher_client(base_url: str, seconds: float, concurrency: int, transport: str) -> float:
     params = GenerationParams(max_tokens=256)
-    async with TeacherClient(base_url, timeout=30, max_connections=concurrency) as client:
+    async with TeacherClient(base_url, timeout=30, max_connections=concurrency, transport=transport) as client:
 
         async def one(i: int) -> None:
             messages = [Message(role="user", content=_body(i)["messages"][0]["content"])]
             await client.chat(messages, model="fake-teacher", params=params)
 
         return await _drive(seconds, concurrency, one)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc; 0.0 elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -130,17 +122,20 @@ def main() -> None:
         clients = {
             "raw": lambda: raw_client(host, int(port), args.seconds, args.concurrency),
             "httpx2": lambda: httpx_client(server.base_url, args.seconds, args.concurrency),
-            "sdk": lambda: sdk_client(server.base_url, args.seconds, args.concurrency),
+            **{
+                f"teacher-{t}": (lambda t=t: teacher_client(server.base_url, args.seconds, args.concurrency, t))
+                for t in ("wire", "httpx", "sdk")
+            },
         }
         for name, client in clients.items():
-            server_cpu, client_cpu, wall = _cpu_seconds(server.pid), time.process_time(), time.perf_counter()
+            server_cpu, client_cpu, wall = cpu_seconds(server.pid), time.process_time(), time.perf_counter()
             rate = asyncio.run(client())
             wall = time.perf_counter() - wall
-            server_busy = (_cpu_seconds(server.pid) - server_cpu) / wall
+            server_busy = (cpu_seconds(server.pid) - server_cpu) / wall
             client_busy = (time.process_time() - client_cpu) / wall
             per_core = rate / server_busy if server_busy else float("nan")
             print(
-                f"  {name:7s} {rate:6.0f} req/s   server cpu {server_busy:4.0%} ({per_core:5.0f} req/s per server core)"
+                f"  {name:13} {rate:6.0f} req/s   server cpu {server_busy:4.0%} ({per_core:5.0f} req/s per server core)"
                 f"   client cpu {client_busy:4.0%}"
             )
 

@@ -25,23 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def write_input(path: Path, rows: int) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(rows):
-            question = f"Question {i}: why does the number {i} matter for arithmetic and for counting things?"
-            f.write(json.dumps({"id": f"r{i}", "question": question}) + "\n")
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+from benchutil import rss_mb, write_prompts  # noqa: E402
 
 
 def main() -> None:
@@ -58,7 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="imitate-mem-") as d:
         tmp = Path(d)
         src = tmp / "prompts.jsonl"
-        write_input(src, args.rows)
+        write_prompts(src, args.rows)
         out = Path(args.keep) if args.keep else tmp / "out"
         with FakeTeacherServer(process=True, sentences=1) as server:
             cmd = [sys.executable, "-m", "imitate.cli", "harvest", str(src), "--out", str(out), "--json-log"]

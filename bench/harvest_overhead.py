@@ -35,25 +35,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchutil import cpu_seconds, write_prompts  # noqa: E402
+
 MAX_TOKENS = 256
 CONCURRENCY = 64
-
-
-def write_input(path: Path, rows: int) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(rows):
-            question = f"Question {i}: why does the number {i} matter for arithmetic and for counting things?"
-            f.write(json.dumps({"id": f"r{i}", "question": question}) + "\n")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc; 0.0 elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------- the clients
@@ -229,7 +214,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="imitate-bench-") as d, FakeTeacherServer(process=True) as server:
         tmp = Path(d)
         src = tmp / "prompts.jsonl"
-        write_input(src, args.rows)
+        write_prompts(src, args.rows)
         results: dict[str, list[dict]] = {r: [] for r in roles}
         print("| round | client | rows ok | lost | req/s | client CPU µs/row | server CPU µs/row | vs baseline |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|")

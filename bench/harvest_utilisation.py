@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchutil import cpu_seconds  # noqa: E402
+
 MAX_TOKENS = 256
 CONCURRENCY = 64  # baseline 1
 ATTEMPTS = 3  # baseline 2
@@ -57,15 +59,6 @@ def write_input(path: Path, rows: int) -> None:
 def request_tokens(text: str) -> int:
     """What the fake charges against TPM for one request: prompt estimate (+4 framing) plus max_tokens."""
     return (len(text) + 3) // 4 + 4 + MAX_TOKENS
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------- baselines
