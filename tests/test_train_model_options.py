@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imitate.config import load_config, to_yaml
+from imitate.config import TrainConfig, load_config, to_yaml
 from imitate.errors import ConfigError, TrainError
 from imitate.train.model import Machine, ModelSource, check_options, load_model, quiet_progress, resolve
 
@@ -327,3 +327,16 @@ def test_train_refuses_quantization_before_training(tmp_path: Path, tiny_run):
 def test_train_uses_the_chosen_attention_when_packing(tmp_path: Path, tiny_run):
     trained = _train(tmp_path, tiny_run, "train.attn_implementation=eager")
     assert trained.model.get_base_model().config._attn_implementation == "eager"
+
+
+def test_a_checkpoint_older_than_a_new_setting_resumes_when_the_setting_is_at_its_default():
+    """Checkpoints written before `quantization` / `attn_implementation` existed lack those keys: they stand for
+    the defaults, so resuming with defaults works and resuming with another value is refused."""
+    from imitate.train import checkpoint
+
+    current = checkpoint.resume_key(TrainConfig())
+    older = {k: v for k, v in current.items() if k not in ("quantization", "attn_implementation")}
+    checkpoint.check_compatible({"data_hash": "h", "resume_key": older}, "h", current)
+    changed = checkpoint.resume_key(TrainConfig(attn_implementation="eager"))
+    with pytest.raises(TrainError, match="different train settings: attn_implementation$"):
+        checkpoint.check_compatible({"data_hash": "h", "resume_key": older}, "h", changed)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from imitate.config import TrainConfig
 from imitate.errors import TrainError
 
 # Settings that may change between a run and its resume without changing what is computed.
@@ -91,7 +92,9 @@ def load(folder: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, An
 def check_compatible(trainer: dict[str, Any], data_hash: str, resume_key: dict[str, Any]) -> None:
     if trainer["data_hash"] != data_hash:
         raise TrainError("the checkpoint was made on different data (data hash differs): cannot resume exactly")
-    old = trainer["resume_key"]
+    # a setting added to TrainConfig after the checkpoint was written counts as its default there
+    defaults = resume_key_defaults()
+    old = {**{k: v for k, v in defaults.items() if k in resume_key}, **trainer["resume_key"]}
     changed = sorted(k for k in set(old) | set(resume_key) if old.get(k) != resume_key.get(k))
     if changed:
         raise TrainError(f"the checkpoint was made with different train settings: {', '.join(changed)}")
@@ -107,6 +110,11 @@ def prune(out: Path, keep: int = 2) -> None:
 def resume_key(t: Any) -> dict[str, Any]:
     """The train settings a resume must share with its checkpoint."""
     return {k: v for k, v in t.model_dump(mode="json").items() if k not in RESUME_FREE}
+
+
+def resume_key_defaults() -> dict[str, Any]:
+    """`resume_key` of a default TrainConfig: what an older checkpoint's missing keys stand for."""
+    return resume_key(TrainConfig())
 
 
 def trainable(model: Any) -> dict[str, torch.Tensor]:
