@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import heapq
+import random
 from dataclasses import dataclass
 
 import pytest
 
 from imitate.records import Message
-from imitate.teacher.limiter import RateLimiter, estimate_tokens
+from imitate.teacher.limiter import RateLimiter, Ticket, estimate_tokens
 from imitate.teacher.reply import RateLimitState
 
 NO_HEADERS = RateLimitState()
@@ -22,11 +23,16 @@ class Clock:
         return self.t
 
 
-def admit_all(lim: RateLimiter, est: int = 1, limit: int = 10_000) -> int:
-    n = 0
-    while n < limit and lim.try_acquire(est) == 0.0:
-        n += 1
-    return n
+def admit_all(lim: RateLimiter, est: int = 1, limit: int = 10_000) -> list[Ticket]:
+    tickets: list[Ticket] = []
+    while len(tickets) < limit and (ticket := lim.try_acquire(est)[1]) is not None:
+        tickets.append(ticket)
+    return tickets
+
+
+def answer(lim: RateLimiter, tickets: list[Ticket], rate: RateLimitState = NO_HEADERS, latency: float = 0.1) -> None:
+    for ticket in tickets:
+        lim.on_success(ticket, ticket.est_tokens, rate, latency)
 
 
 def test_estimate_tokens():
@@ -39,113 +45,132 @@ def test_request_bucket_capacity_and_refill():
     clock = Clock()
     lim = RateLimiter(rpm=60, tpm=None, clock=clock)
     assert lim.concurrency_limit == 256  # a configured limit: the bucket governs from the start
-    assert admit_all(lim) == 30  # half held back until the first answer confirms the server is alive
-    lim.on_success(1, 1, NO_HEADERS, 0.1)
-    assert admit_all(lim) == 30
-    assert lim.try_acquire(1) == pytest.approx(1.0)  # 60 rpm: one more per second
+    first = admit_all(lim)
+    assert len(first) == 30  # half held back until the first answer confirms the server is alive
+    answer(lim, first[:1])
+    assert len(admit_all(lim)) == 30
+    wait, ticket = lim.try_acquire(1)
+    assert ticket is None and wait == pytest.approx(1.0)  # 60 rpm: one more per second
     clock.t += 2.5
-    assert admit_all(lim) == 2
+    assert len(admit_all(lim)) == 2
 
 
 def test_token_reservation_and_reconciliation():
     clock = Clock()
     lim = RateLimiter(rpm=None, tpm=12_000, clock=clock)
-    assert admit_all(lim, est=3000) == 2  # 6000 of 12000 usable before the first answer
-    lim.on_success(3000, 5000, NO_HEADERS, 0.1)  # used more than estimated: 2000 more charged
-    assert admit_all(lim, est=3000) == 1  # 12000 - 6000 - 2000 = 4000
-    assert lim.try_acquire(3000) == pytest.approx(2000 / 200)  # 1000 left; 12000 tpm = 200 tokens/s
+    first = admit_all(lim, est=3000)
+    assert len(first) == 2  # 6000 of 12000 usable before the first answer
+    lim.on_success(first[0], 5000, NO_HEADERS, 0.1)  # used more than estimated: 2000 more charged
+    assert len(admit_all(lim, est=3000)) == 1  # 12000 - 6000 - 2000 = 4000
+    assert lim.try_acquire(3000) == (pytest.approx(2000 / 200), None)  # 1000 left; 12000 tpm = 200 tokens/s
     clock.t += 10
-    assert admit_all(lim, est=3000) == 1
+    assert len(admit_all(lim, est=3000)) == 1
 
     refunding = RateLimiter(rpm=None, tpm=12_000, clock=clock, refund_unused=True)
-    assert admit_all(refunding, est=3000) == 2
-    refunding.on_success(3000, 1000, NO_HEADERS, 0.1)  # 2000 unused max_tokens come back: 8000 left
-    assert admit_all(refunding, est=3000) == 2
+    first = admit_all(refunding, est=3000)
+    assert len(first) == 2
+    refunding.on_success(first[0], 1000, NO_HEADERS, 0.1)  # 2000 unused max_tokens come back: 8000 left
+    assert len(admit_all(refunding, est=3000)) == 2
 
 
-def test_header_loop_lowers_our_bucket_counting_later_admissions_once():
+@pytest.mark.parametrize("latency", [2.0, 3.5], ids=["measured", "inflated"])
+def test_header_loop_lowers_our_bucket_counting_later_admissions_once(latency):
     clock = Clock()
     lim = RateLimiter(rpm=600, tpm=None, clock=clock)
-    lim.on_success(1, 1, NO_HEADERS, 0.1)  # (no request out: just lifts the hold-back)
-    assert admit_all(lim, limit=1) == 1  # sent at t0
+    answer(lim, admit_all(lim, limit=1))  # lifts the hold-back
+    (first,) = admit_all(lim, limit=1)  # admitted and sent at t0
     clock.t += 1.0
-    assert admit_all(lim, limit=5) == 5  # sent after the first one: not in its `remaining`
+    assert len(admit_all(lim, limit=5)) == 5  # admitted after the first one: not in its `remaining`
     clock.t += 1.0
     # another client shares the key: the server had only 50 left when it took our first request (2 s ago)
-    lim.on_success(1, 1, RateLimitState(remaining_requests=50), latency_s=2.0)
-    # 50 + 10/s * (2 s - 0.05 margin) - 5 later admissions = 64.5
-    assert admit_all(lim) == 64
+    lim.on_success(first, 1, RateLimitState(remaining_requests=50), latency_s=latency)
+    # 50 + 10/s x 2 s since it was admitted - 5 later admissions; a latency inflated by a busy client (longer
+    # than the request's age) credits no refill from before its admission
+    assert len(admit_all(lim)) == 65
 
 
-def test_stated_limit_is_adopted_and_a_fresh_view_may_raise_our_bucket():
+def test_views_lower_at_once_but_raise_only_to_what_is_certain():
     clock = Clock()
     lim = RateLimiter(rpm=None, tpm=None, clock=clock)
     assert lim.concurrency_limit == 8
-    assert admit_all(lim) == 8
+    burst = admit_all(lim)
+    assert len(burst) == 8
     clock.t += 0.5
-    view = RateLimitState(limit_requests=120, remaining_requests=112)  # the server saw all 8
-    lim.on_success(1, 1, view, latency_s=0.5)
-    assert lim.limit("requests") == 120 and lim.concurrency_limit == 256
-    assert admit_all(lim) == 112 - 7  # the 7 same-instant admissions count as later: erring low
+    lim.on_success(burst[0], 1, RateLimitState(limit_requests=120, remaining_requests=112), latency_s=0.5)
+    assert lim.limit("requests") == 120 and lim.concurrency_limit == 256  # the stated limit is adopted
+    more = admit_all(lim)
+    assert len(more) == 112 + 1 - 7  # + 2/s since it left, - the 7 admitted after it (not in `remaining`)
     clock.t += 1.0
-    lim.on_success(1, 1, RateLimitState(limit_requests=120, remaining_requests=100), latency_s=0.01)
-    assert admit_all(lim) > 90  # a fresher view raises our level again (the server's limit is in force)
-    before = admit_all(lim)
-    lim.on_success(1, 1, RateLimitState(limit_requests=120, remaining_requests=120), latency_s=5.0)
-    assert admit_all(lim) == before == 0  # an older view is ignored
+    # burst[1] waited for a connection and reached the server only now, after requests admitted later had
+    # perhaps overtaken it: 100 left says nothing certain about the 112 admitted after it. A level taken from
+    # it as `100 + refill - admissions since it left` was the bench's 429 cluster (bench/RESULTS.md)
+    lim.on_success(burst[1], 1, RateLimitState(limit_requests=120, remaining_requests=100), latency_s=0.01)
+    assert admit_all(lim) == []  # not raised; lowered at once, assuming none of them is in `remaining`
+    answer(lim, burst[2:] + more)  # every request answered (without headers)
+    clock.t += 10.0
+    probes = admit_all(lim)
+    assert len(probes) == 8  # -12 + 2/s x 10 s
+    lim.on_success(probes[0], 1, RateLimitState(limit_requests=120, remaining_requests=100), latency_s=0.1)
+    assert len(admit_all(lim)) == 100 - 7  # certain now: only the 7 other probes may be missing from it
 
 
 def test_configured_lower_limit_is_never_raised_by_headers():
     clock = Clock()
     lim = RateLimiter(rpm=60, tpm=None, clock=clock)
-    lim.on_success(1, 1, RateLimitState(limit_requests=6000, remaining_requests=5999), latency_s=0.1)
+    (ticket,) = admit_all(lim, limit=1)
+    lim.on_success(ticket, 1, RateLimitState(limit_requests=6000, remaining_requests=5999), latency_s=0.1)
     assert lim.limit("requests") == 60
-    assert admit_all(lim) == 60
+    assert len(admit_all(lim)) == 59
 
 
 def test_retry_after_pauses_the_whole_teacher():
     clock = Clock()
     lim = RateLimiter(rpm=None, tpm=None, clock=clock)
-    assert admit_all(lim, limit=3) == 3
-    lim.on_rate_limited(1, RateLimitState(retry_after_s=5.0), latency_s=0.05)
+    tickets = admit_all(lim, limit=3)
+    assert len(tickets) == 3
+    lim.on_rate_limited(tickets[0], RateLimitState(retry_after_s=5.0), latency_s=0.05)
     assert lim.paused_until == pytest.approx(clock.t + 5.0)
-    assert lim.try_acquire(1) == pytest.approx(5.0)
+    assert lim.try_acquire(1) == (pytest.approx(5.0), None)
     clock.t += 4.0
-    assert lim.try_acquire(1) == pytest.approx(1.0)  # every caller waits, not just the throttled task
+    assert lim.try_acquire(1) == (pytest.approx(1.0), None)  # every caller waits, not just the throttled task
     clock.t += 1.0
-    assert lim.try_acquire(1) == 0.0
+    assert lim.try_acquire(1)[0] == 0.0
 
 
 def test_aimd_cuts_once_per_round_trip_and_stays_in_bounds():
     clock = Clock()
     lim = RateLimiter(rpm=None, tpm=None, max_concurrency=20, clock=clock)
-    assert admit_all(lim) == 8
-    assert 0 < lim.try_acquire(1) <= 0.25  # slots full: a short hint
+    burst = admit_all(lim)
+    assert len(burst) == 8
+    wait, ticket = lim.try_acquire(1)
+    assert ticket is None and 0 < wait <= 0.25  # slots full: a short hint
     throttled = RateLimitState(remaining_requests=0)  # a stated 429: no pace to learn, only AIMD
-    lim.on_rate_limited(1, throttled, latency_s=0.05)
+    lim.on_rate_limited(burst[0], throttled, latency_s=0.05)
     assert lim.concurrency_limit == 5  # 8 * 0.7
-    lim.on_rate_limited(1, throttled, latency_s=0.05)  # same burst: sent before the cut
+    lim.on_rate_limited(burst[1], throttled)  # same burst: admitted before the cut (with or without a latency)
     assert lim.concurrency_limit == 5
-    for _ in range(20):  # cut again and again (each signal from a request sent after the last cut)
+    for t in burst[2:]:
+        lim.on_failure(t)  # not overloaded: no cut
+    for _ in range(20):  # cut again and again (each signal from a request admitted after the last cut)
         clock.t += 1.0
-        lim.on_rate_limited(1, throttled, latency_s=0.05)
+        lim.on_rate_limited(admit_all(lim, limit=1)[0], throttled, latency_s=0.05)
     assert lim.concurrency_limit == 1
     for _ in range(400):  # additive increase (+1 per full round) never passes max_concurrency
         clock.t += 0.01
-        for _ in range(admit_all(lim)):
-            lim.on_success(1, 1, NO_HEADERS, 0.01)
+        answer(lim, admit_all(lim), latency=0.01)
     assert lim.concurrency_limit == 20
 
 
 def test_no_limits_slow_start_and_failures_free_slots():
     clock = Clock()
     lim = RateLimiter(rpm=None, tpm=None, clock=clock)
-    assert admit_all(lim) == 8 and lim.in_flight == 8
-    lim.on_success(1, 1, NO_HEADERS, 0.5)
+    burst = admit_all(lim)
+    assert len(burst) == 8 and lim.in_flight == 8
+    lim.on_success(burst[0], 1, NO_HEADERS, 0.5)
     assert lim.concurrency_limit == 9 and lim.in_flight == 7  # slow start: +1 per success
-    lim.on_failure(1)
+    lim.on_failure(burst[1])
     assert lim.in_flight == 6 and lim.concurrency_limit == 9
-    lim.on_failure(1, overloaded=True)
+    lim.on_failure(burst[2], overloaded=True)
     assert lim.concurrency_limit == 8  # 9 * 0.9
     snap = lim.snapshot()
     assert snap["in_flight"] == 5 and snap["utilisation"] is None and snap["failed"] == 2
@@ -188,30 +213,81 @@ class SimServer:
         )
 
 
-def simulate(server: SimServer, rpm, tpm=None, *, est=500, used=300, duration=180.0, latency=2.0):
-    """Fixed latency (a 429 comes back in 50 ms, the request reaches the server 1 ms after it is sent)."""
+@dataclass
+class IdleClient:
+    """Fixed latency: a request reaches the server 1 ms after its admission, a 429 comes back in 50 ms."""
+
+    latency: float = 2.0
+
+    def send_at(self, now: float) -> float:
+        return now + 0.001
+
+    def read_at(self, sent: float, accepted: bool) -> float:
+        return sent - 0.001 + (self.latency if accepted else 0.05)
+
+
+@dataclass
+class BusyClient:
+    """A client on a saturated CPU (bench/RESULTS.md, `--parallel`): new connections open one at a time,
+    `connect_s` each, while a request that finds an idle one leaves at once, so later admissions overtake
+    earlier ones; every send is up to `send_jitter` late and every response is read up to `read_jitter` late
+    (the server answers in 0.3-1.0 s, a 429 in 10 ms). Latency is timed from the admission, as by the collector.
+    """
+
+    connect_s: float = 0.02
+    send_jitter: float = 1.0
+    read_jitter: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng, self.idle, self.connecting = random.Random(self.seed), 0, 0.0
+
+    def send_at(self, now: float) -> float:
+        if self.idle:
+            self.idle -= 1
+            return now + self.rng.uniform(0.0, self.send_jitter)
+        self.connecting = max(self.connecting, now) + self.connect_s
+        return self.connecting
+
+    def read_at(self, sent: float, accepted: bool) -> float:
+        self.idle += 1  # (free from the moment it is read: the order of events is what matters here)
+        return sent + (self.rng.uniform(0.3, 1.0) if accepted else 0.01) + self.rng.uniform(0.0, self.read_jitter)
+
+
+def simulate(server: SimServer, rpm, tpm=None, *, est=500, used=300, duration=180.0, client=None):
+    """Drives a limiter against `server` for `duration` s (then lets the last requests finish); returns the
+    share of the ideal throughput it got and the share of its requests answered 429."""
+    client = client or IdleClient()
     clock = Clock()
     clock.t = 0.0
     lim = RateLimiter(rpm=rpm, tpm=tpm, clock=clock)
-    events: list[tuple[float, int, str, RateLimitState | None]] = [(0.0, 0, "wake", None)]
+    events: list[tuple[float, int, str, tuple]] = [(0.0, 0, "wake", ())]
     seq = ok = limited = 0
     next_wake = 0.0
     while events:
-        clock.t, _, kind, rate = heapq.heappop(events)
-        if kind == "ok":
-            lim.on_success(est, used, rate, latency)
-        elif kind == "429":
-            lim.on_rate_limited(est, rate, latency_s=0.05)
+        clock.t, _, kind, data = heapq.heappop(events)
+        if kind == "send":
+            ticket, admitted = data
+            accepted, rate = server.take(clock.t, est)
+            ok, limited, seq = ok + accepted, limited + (not accepted), seq + 1
+            heapq.heappush(events, (client.read_at(clock.t, accepted), seq, "read", (ticket, admitted, accepted, rate)))
+            continue
+        if kind == "read":
+            ticket, admitted, accepted, rate = data
+            if accepted:
+                lim.on_success(ticket, used, rate, clock.t - admitted)
+            else:
+                lim.on_rate_limited(ticket, rate, latency_s=clock.t - admitted)
         if clock.t > duration:
             continue
-        while (wait := lim.try_acquire(est)) == 0.0:
-            accepted, rate = server.take(clock.t + 0.001, est)
-            ok, limited, seq = ok + accepted, limited + (not accepted), seq + 1
-            heapq.heappush(events, (clock.t + (latency if accepted else 0.05), seq, "ok" if accepted else "429", rate))
+        while (admission := lim.try_acquire(est))[1] is not None:
+            seq += 1
+            heapq.heappush(events, (client.send_at(clock.t), seq, "send", (admission[1], clock.t)))
         slots_full = lim.in_flight >= lim.concurrency_limit and clock.t >= lim.paused_until
+        wait = admission[0]
         if not slots_full and (next_wake <= clock.t or clock.t + wait < next_wake):  # else a completion wakes us
             next_wake, seq = clock.t + wait, seq + 1
-            heapq.heappush(events, (next_wake, seq, "wake", None))
+            heapq.heappush(events, (next_wake, seq, "wake", ()))
     per_minute = min(server.rpm, server.tpm / est if server.tpm else server.rpm)
     ideal = (1 + duration / 60) * per_minute  # the initial bucket plus the refill over the run
     return ok / ideal, limited / (ok + limited)
@@ -233,3 +309,13 @@ def test_simulation_tpm_bound(configured):
 def test_simulation_without_headers_stays_stable(configured):
     throughput, share_429 = simulate(SimServer(rpm=600, headers=False), rpm=configured)
     assert throughput >= 0.95 and share_429 <= 0.1, (throughput, share_429)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("configured", [600, 1200, None], ids=["right", "2x-too-high", "not-configured"])
+def test_simulation_with_a_busy_client_keeps_429s_rare(configured, seed):
+    """The bench's stress variant: sends late and out of admission order, responses read late, latencies 2-3x
+    the server's. Views dated by the measured latency raised the bucket by requests still waiting to leave:
+    4.0-4.4 % of requests were 429s here (limiter.py as of 4904c5f)."""
+    throughput, share_429 = simulate(SimServer(rpm=600), rpm=configured, client=BusyClient(seed=seed))
+    assert throughput >= 0.97 and share_429 <= 0.02, (throughput, share_429)

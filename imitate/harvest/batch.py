@@ -19,9 +19,9 @@ from typing import Any
 
 from imitate.config import ImitateConfig
 from imitate.errors import ImitateError, TeacherError
-from imitate.harvest.collector import Accum, build_record
 from imitate.harvest.journal import MANIFEST, Journal, write_json_atomic
 from imitate.harvest.plan import Budget, Planned
+from imitate.harvest.results import Accum, build_record
 from imitate.harvest.run import Outcome, _clients, build_planner
 from imitate.harvest.sources import open_source
 from imitate.records import Query, Request

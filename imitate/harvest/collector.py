@@ -6,7 +6,8 @@
 
 - The producer reads the source lazily and never gets more than a bounded queue ahead of the teachers.
 - A request already in the journal (or answered by a fallback teacher) is skipped: never paid twice.
-- Each row ends as one record, ok or failed with its error class; a failure never fails the run.
+- Each row ends as one record (`results.py`), ok or failed with its error class; a failure never fails the run.
+- Every attempt is admitted by the teacher's limiter; its ticket is answered with the attempt's outcome.
 - Quota/auth errors retire a teacher (its rows stay pending for a rerun, or go to a fallback teacher).
 - `stop()` stops admitting, waits for in-flight work up to the drain timeout, then cancels; `finally` flushes.
 """
@@ -16,25 +17,17 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from imitate import __version__
 from imitate.config import ImitateConfig, Price, TeacherConfig
-from imitate.errors import (
-    TEACHER_FATAL,
-    ContentFiltered,
-    NetworkError,
-    RateLimited,
-    ServerError,
-    TeacherError,
-)
+from imitate.errors import TEACHER_FATAL, ContentFiltered, NetworkError, RateLimited, ServerError, TeacherError
 from imitate.harvest.journal import Journal
 from imitate.harvest.plan import Budget, Planned, Planner, estimate_cost
-from imitate.records import GenerationParams, Provenance, Record, Request, Usage
-from imitate.teacher.limiter import RateLimiter, estimate_tokens
-from imitate.teacher.reply import RateLimitState, Reply
+from imitate.harvest.results import Accum, Stats, build_record
+from imitate.records import Request
+from imitate.teacher.limiter import RateLimiter, Ticket, estimate_tokens
+from imitate.teacher.reply import RateLimitState
 from imitate.teacher.retry import RetryPolicy
 
 
@@ -72,13 +65,6 @@ def _resolve(fut: asyncio.Future) -> None:
 
 
 @dataclass
-class Accum:
-    attempts: int = 0
-    usage: Usage = field(default_factory=Usage)
-    cost: float = 0.0
-
-
-@dataclass
 class TeacherRuntime:
     cfg: TeacherConfig
     client: Any  # TeacherClient; Any keeps this module free of the openai import chain in type checks
@@ -90,23 +76,6 @@ class TeacherRuntime:
     ok: int = 0
     throttled: int = 0
     tokens: int = 0
-
-
-@dataclass
-class Stats:
-    started: float = field(default_factory=time.monotonic)
-    planned: int = 0
-    skipped_done: int = 0
-    ok: int = 0
-    failed: int = 0
-    truncated: int = 0
-    requests: int = 0
-    throttled: int = 0
-    retries: int = 0
-    tokens: int = 0
-    spend_usd: float = 0.0
-    failed_by_class: Counter = field(default_factory=Counter)
-    source_exhausted: bool = False
 
 
 class Collector:
@@ -260,14 +229,14 @@ class Collector:
 
     # ------------------------------------------------------------------------------------------ dispatch
 
-    async def _acquire(self, rt: TeacherRuntime, est_tokens: int) -> bool:
-        while True:
-            if self.stopping or rt.dead:
-                return False
-            wait = rt.limiter.try_acquire(est_tokens)
-            if wait <= 0:
-                return True
+    async def _acquire(self, rt: TeacherRuntime, est_tokens: int) -> Ticket | None:
+        """The limiter's ticket for one attempt, or None once stopping or the teacher is retired."""
+        while not (self.stopping or rt.dead):
+            wait, ticket = rt.limiter.try_acquire(est_tokens)
+            if ticket is not None:
+                return ticket
             await rt.doorbell.wait(min(wait, 1.0))
+        return None
 
     async def _next_item(self, rt: TeacherRuntime):
         """The next queued row, or None once the producer is done and no queue, dispatcher or task holds work
@@ -294,8 +263,8 @@ class Collector:
             self._holding += 1
             try:
                 p, est_tokens, est_usd = item
-                if await self._acquire(rt, est_tokens):
-                    task = asyncio.create_task(self._run_one(rt, p, est_tokens, est_usd))
+                if (ticket := await self._acquire(rt, est_tokens)) is not None:
+                    task = asyncio.create_task(self._run_one(rt, p, est_tokens, est_usd, ticket))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                 elif self.stopping:
@@ -333,7 +302,8 @@ class Collector:
 
     # ------------------------------------------------------------------------------------------ one row
 
-    async def _run_one(self, rt: TeacherRuntime, p: Planned, est_tokens: int, est_usd: float) -> None:
+    async def _run_one(self, rt: TeacherRuntime, p: Planned, est_tokens: int, est_usd: float, ticket: Ticket) -> None:
+        """One row (its first attempt admitted with `ticket`) until it is journaled, handed off or abandoned."""
         req = p.request
         key = p.key
         self.journal.mark_inflight(key)
@@ -342,55 +312,60 @@ class Collector:
         handed_off = False
         try:
             for reask in range(self.h.retry.reask_truncated + 1):
+                first = ticket if reask == 0 else None  # a re-ask is a new attempt: the limiter admits it
                 try:
-                    reply = await self._chat_with_retries(rt, req, params, est_tokens, acc)
+                    reply = await self._chat_with_retries(rt, req, params, est_tokens, acc, first)
                 except _Abandoned:
                     self.journal.clear_inflight(key)  # stopping or teacher retired: pending for a rerun
                     return
                 except TeacherError as exc:
                     if not isinstance(exc, TEACHER_FATAL):
-                        self._record_failure(p, exc, acc)
+                        self._record(p, acc, params=p.request.params, error=exc)
                         return
                     self.journal.clear_inflight(key)  # not the row's fault: a fallback or a rerun answers it
                     if not self.stopping:
                         handed_off = await self._reroute(p, est_tokens, est_usd)
                     return
-                self._account(rt, req, reply, est_tokens, acc)
+                self._account(rt, req, reply, acc)
                 if reply.finish_reason == "content_filter":
                     exc = ContentFiltered("the teacher's content filter stopped the answer", status=200)
-                    self._record_failure(p, exc, acc, reply=reply)
+                    self._record(p, acc, params=p.request.params, reply=reply, error=exc)
                     return
                 if reply.finish_reason != "length" or reask == self.h.retry.reask_truncated:
                     break
                 params = params.model_copy(update={"max_tokens": params.max_tokens * 2})
-            self._record_ok(p, reply, params, acc)
+            self._record(p, acc, params=params, reply=reply)
         finally:
             if not handed_off:
                 self.budget.release(est_usd, est_tokens)
             self._inflight_keys.discard(key)
 
-    async def _chat_with_retries(self, rt: TeacherRuntime, req: Request, params, est_tokens: int, acc: Accum):
+    async def _chat_with_retries(
+        self, rt: TeacherRuntime, req: Request, params, est_tokens: int, acc: Accum, ticket: Ticket | None
+    ):
         """One logical request: tenacity drives attempts by error class; every attempt goes through the limiter
-        (the first was admitted by the dispatcher) and feeds it back."""
+        (`ticket`: the first, admitted by the dispatcher; None: acquire one) and answers its ticket."""
         async for attempt in self.policy.retrying():
             with attempt:
-                if acc.attempts > 0 and not await self._acquire(rt, est_tokens):
+                if ticket is None and (ticket := await self._acquire(rt, est_tokens)) is None:
                     raise _Abandoned
+                admitted, ticket = ticket, None  # a ticket admits one attempt
                 acc.attempts += 1
                 rt.sent += 1
                 self.stats.requests += 1
                 if acc.attempts > 1:
                     self.stats.retries += 1
                 try:
-                    return await rt.client.chat(req.messages, model=req.model, params=params)
+                    reply = await rt.client.chat(req.messages, model=req.model, params=params)
                 except TeacherError as exc:
-                    self._on_error(rt, exc, est_tokens)
+                    self._on_error(rt, exc, admitted)
                     raise
+                rt.limiter.on_success(admitted, reply.usage.total_tokens, reply.rate, reply.latency_s)
+                return reply
         raise AssertionError("unreachable: tenacity reraises the last error")
 
-    def _account(self, rt: TeacherRuntime, req: Request, reply, est_tokens: int, acc: Accum) -> None:
+    def _account(self, rt: TeacherRuntime, req: Request, reply, acc: Accum) -> None:
         used = reply.usage.total_tokens
-        rt.limiter.on_success(est_tokens, used, reply.rate, reply.latency_s)
         rt.ok += 1
         rt.tokens += used
         acc.usage = acc.usage + reply.usage
@@ -399,14 +374,14 @@ class Collector:
         self.budget.spend(cost, used, 1)
         rt.doorbell.ring()  # a slot is free and the limiter has news: admit the next row now
 
-    def _on_error(self, rt: TeacherRuntime, exc: TeacherError, est_tokens: int) -> None:
+    def _on_error(self, rt: TeacherRuntime, exc: TeacherError, ticket: Ticket) -> None:
         if isinstance(exc, RateLimited):
             rt.throttled += 1
             self.stats.throttled += 1
             rate = exc.rate if isinstance(exc.rate, RateLimitState) else RateLimitState(retry_after_s=exc.retry_after)
-            rt.limiter.on_rate_limited(est_tokens, rate)
+            rt.limiter.on_rate_limited(ticket, rate)  # the ticket dates it: no latency needed
         else:
-            rt.limiter.on_failure(est_tokens, overloaded=isinstance(exc, ServerError | NetworkError))
+            rt.limiter.on_failure(ticket, overloaded=isinstance(exc, ServerError | NetworkError))
         self.budget.spend(0.0, 0, 1)
         if isinstance(exc, TEACHER_FATAL):
             self._retire(rt, exc)
@@ -420,52 +395,7 @@ class Collector:
         ):
             self.stop(f"teacher {rt.cfg.name!r} stopped ({rt.dead}); no teacher left to send to")
 
-    def _record_ok(self, p: Planned, reply, params, acc: Accum) -> None:
-        record = build_record(p, acc, params=params, reply=reply)
+    def _record(self, p: Planned, acc: Accum, *, params, reply=None, error: TeacherError | None = None) -> None:
+        record = build_record(p, acc, params=params, reply=reply, error=error)
         self.journal.append(record)
-        self.stats.ok += 1
-        self.stats.truncated += record.truncated
-        self.stats.tokens += acc.usage.total_tokens
-        self.stats.spend_usd += acc.cost
-
-    def _record_failure(self, p: Planned, exc: TeacherError, acc: Accum, reply=None) -> None:
-        self.journal.append(build_record(p, acc, params=p.request.params, reply=reply, error=exc))
-        self.stats.failed += 1
-        self.stats.failed_by_class[type(exc).__name__] += 1
-        self.stats.tokens += acc.usage.total_tokens
-        self.stats.spend_usd += acc.cost
-
-
-def build_record(
-    p: Planned, acc: Accum, *, params: GenerationParams, reply: Reply | None = None, error: TeacherError | None = None
-) -> Record:
-    """The one place a harvested row becomes a Record (online and batch mode alike)."""
-    req = p.request
-    prov = Provenance(
-        teacher=req.teacher,
-        model=req.model,
-        base_url=req.base_url,
-        request_key=p.key,
-        system_prompt_id=req.system_prompt_id,
-        system_prompt_sha256=req.system_prompt_sha256,
-        params=params,
-        sample_index=req.sample_index,
-        usage=acc.usage,
-        cost_usd=round(acc.cost, 10),
-        finish_reason=reply.finish_reason if reply else None,
-        attempts=acc.attempts,
-        latency_s=round(reply.latency_s, 6) if reply else 0.0,
-        request_id=reply.request_id if reply else None,
-        created_at=round(time.time(), 3),
-        imitate_version=__version__,
-    )
-    common = {"id": f"{p.query.id}/{req.teacher}/{req.sample_index}", "query": p.query, "messages": req.messages}
-    if error is not None:
-        return Record(
-            **common,
-            status="failed",
-            error_class=type(error).__name__,
-            error_message=error.message[:500],
-            provenance=prov,
-        )
-    return Record(**common, response=reply.text, truncated=reply.finish_reason == "length", provenance=prov)
+        self.stats.count(record, acc)

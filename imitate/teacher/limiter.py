@@ -3,14 +3,17 @@ a learned pace for servers that say nothing. No asyncio, no sleeping: the clock 
 returns at once, so it is unit-tested with a fake clock and driven by the async collector like this:
 
     est = estimate_tokens(messages, max_tokens)
-    while (wait := limiter.try_acquire(est)) > 0:   # 0.0 = admitted: a slot and the budget are reserved
-        await sleep(min(wait, 1.0))                    # also fine to retry early, e.g. after a completion
+    wait, ticket = limiter.try_acquire(est)      # (0.0, ticket): a slot and the budget are reserved
+    while ticket is None:
+        await sleep(min(wait, 1.0))              # also fine to retry early, e.g. after a completion
+        wait, ticket = limiter.try_acquire(est)
     ...send...
-    limiter.on_success(est, usage.total_tokens, reply.rate, reply.latency_s)     # 200
-    limiter.on_rate_limited(est, rate, latency_s=...)                            # 429 (throttling)
-    limiter.on_failure(est, overloaded=...)                                      # anything else
+    limiter.on_success(ticket, usage.total_tokens, reply.rate, reply.latency_s)     # 200
+    limiter.on_rate_limited(ticket, rate, latency_s=...)                            # 429 (throttling)
+    limiter.on_failure(ticket, overloaded=...)                                      # anything else
 
-Every admitted request must be answered by exactly one `on_*` call (it frees the slot).
+Every ticket must be answered by exactly one `on_*` call (it frees the slot). A ticket carries the request's
+estimate and its place among the admissions, so the limiter never has to infer them from a measured latency.
 
 How it decides (tests/test_limiter.py simulates it against a token-bucket server):
 - Buckets: `rpm`/`tpm` (configured, or from `x-ratelimit-limit-*`; the lower wins) are token buckets holding a
@@ -18,18 +21,24 @@ How it decides (tests/test_limiter.py simulates it against a token-bucket server
   max_tokens: what OpenAI counts at admission). Until the first success, half of a configured bucket is held
   back, so a limit configured up to 2x too high cannot overrun the server before its headers correct us.
 - Reconciliation: a prompt that used more than estimated is charged the difference. Unused max_tokens are
-  refunded only with `refund_unused=True` (servers differ; the header loop credits real refunds anyway).
-- Header loop: a response's `remaining-*` is the server's bucket when it took that request, dated at our send
-  time (`now - latency`) minus a small margin; the server's bucket now is `remaining + refill - everything we
-  admitted since` (each request counted once: inside `remaining` or among the later admissions, with ties
-  counted as later, erring low). Only a view fresher than the last one applied is used. It replaces our
-  level when the server's stated limit is the one in force; when our configured limit is lower (a
-  deliberate share of the quota) it can only lower it.
+  refunded only with `refund_unused=True` (servers differ; the header loop credits real refunds once certain).
+- Header loop: a response's `remaining-*` is the server's bucket right after it took that request, at a moment
+  we do not know: after the admission and after the client started timing (`now - latency`), or much later (a
+  busy client sends late, out of admission order, and reads late: 1.4-3 s measured against a server's 0.3-1 s).
+  So a view (one dated no earlier than the last one applied) *lowers* our level at once to the estimate
+  `min(capacity, remaining + refill since that earliest moment) - admissions after this request` (low when
+  later requests overtook it: only throughput lost, and undone by the raise below). It *raises* it only to
+  what is certain, `remaining - every request unanswered when this one was admitted or admitted since` with no
+  refill credited, which no send order or latency can make overrun the server, and only when the server's
+  stated limit is the one in force (a lower configured limit, a deliberate share of the quota, is never
+  raised). Uncapped, a view from a request that overtook earlier ones still waiting for a connection raised
+  the level by what those would take (34 -> 174) and a cluster of 429s followed. Certainty costs little: a
+  level too low by less than the requests in flight stays so, a one-off loss, as both buckets refill alike.
 - AIMD concurrency: start at max_concurrency when a limit is configured, else at `initial_concurrency` with
   slow start (+1 per success, paced at 2x the current throughput so the first 429s stop the burst); jump to
   max_concurrency once headers state the limits (the buckets govern). A 429 multiplies the limit by 0.7 at
-  most once per round trip (only a 429 for a request sent after the last cut counts), then growth is +1/cwnd
-  per success; 5xx/timeouts with `overloaded=True` cut by 0.9. Bounded by [1, max_concurrency]; no growth
+  most once per round trip (only a 429 for a request admitted after the last cut counts), then growth is
+  +1/cwnd per success; 5xx/timeouts with `overloaded=True` cut by 0.9. Bounded by [1, max_concurrency]; no growth
   while per-token latency is 4x its floor (a queueing server) or while half the slots are idle.
 - Retry-After pauses the whole teacher until now + retry_after (every `try_acquire` waits), not one task.
 - Learned pace, for 429s no stated limit explains (header-less servers, wrong config): the request rate is cut
@@ -47,6 +56,7 @@ import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from imitate.teacher.reply import RateLimitState
@@ -55,14 +65,12 @@ CONCURRENCY_CUT = 0.7  # multiplicative decrease of the concurrency limit on a 4
 OVERLOAD_CUT = 0.9  # ... and on a 5xx / timeout reported as overload
 PACE_CUT = 0.85  # learned pace: multiplicative decrease on a 429 ...
 PACE_CUT_MIN = 0.5  # ... but never below this fraction of the current rate in one cut
-BLIND_GUARD_S = 0.25  # without a latency, at most one cut per this long (429s are fast: their burst is over)
 MIN_SAMPLE = 4  # requests between two 429s needed to estimate the server's rate from them
 PACE_GROWTH_PER_S = 0.02  # learned pace: relative growth per second (at full pace) ...
 PACE_GROWTH_PER_OK = 0.005  # ... but at most this much per success
 STARTUP_GAIN = 2.0  # with nothing known, slow start sends at most this multiple of the current throughput
 PACE_BURST_S = 1.0  # the pace bucket holds this many seconds of requests
 LATENCY_TOLERANCE = 4.0  # concurrency stops growing above this multiple of the per-token latency floor
-SNAP_MARGIN_S = 0.05  # a response's `remaining` is dated this much before our send time (see _observe)
 HISTORY_S = 60.0  # admissions kept at least this long (utilisation, header loop)
 _EPS = 1e-9
 
@@ -75,6 +83,20 @@ def estimate_tokens(messages: Iterable[Any], max_tokens: int) -> int:
         content = m["content"] if isinstance(m, Mapping) else m.content
         prompt += 4 + math.ceil(len(content.encode("utf-8")) / 4)
     return prompt + max(0, max_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """One admitted request: what it reserved, when, and its place among the other admissions."""
+
+    est_tokens: int
+    at: float  # admission time (the limiter's clock): the request cannot have reached the server earlier
+    seq: int  # admissions so far, this one included
+    cum_tokens: float  # tokens admitted so far, this one included
+    # certainly inside the `remaining` of this request's response: itself, and every request answered (any
+    # outcome) before it was admitted, since those reached the server before it could
+    known: int
+    known_tokens: float
 
 
 class _Bucket:
@@ -127,7 +149,7 @@ class RateLimiter:
         self._confirmed = False  # a limit header has been seen
         # a server-stated limit we adopted: its `remaining` may raise our bucket too, not only lower it
         self._authoritative = {"requests": False, "tokens": False}
-        self._last_snap = {"requests": -math.inf, "tokens": -math.inf}
+        self._last_view = {"requests": -math.inf, "tokens": -math.inf}  # date of the last view that could lower
         self._answered = False  # a success yet (until then half of a configured bucket is held back)
         self.max_concurrency = max(1, max_concurrency)
         configured = bool(rpm or tpm)
@@ -138,6 +160,7 @@ class RateLimiter:
         self._in_flight = 0
         self._paused_until = -math.inf
         self._last_cut = -math.inf
+        self._cut_after = 0  # admissions before the last cut
         self._pace: _Bucket | None = None
         self._startup_next = -math.inf
         # admissions: times and cumulative tokens (a list with a moving start, for bisect)
@@ -145,9 +168,10 @@ class RateLimiter:
         self._adm_cum: list[float] = []
         self._adm_start = 0
         self._adm_tokens = 0.0
+        self._settled = 0  # requests answered (any outcome), and their estimated tokens
+        self._settled_tokens = 0.0
         self._oks: deque[float] = deque()
         self._latency: float | None = None
-        self._limited_since_cut = 0
         self._per_token: float | None = None
         self._per_token_floor = math.inf
         self._max_latency = 0.0
@@ -194,14 +218,15 @@ class RateLimiter:
             return None
         return STARTUP_GAIN * self._cwnd / max(self._latency, 1e-3)
 
-    def try_acquire(self, est_tokens: int) -> float:
-        """0.0: admitted (slot and budget reserved). Otherwise seconds to wait before asking again; when only a
-        slot is missing the value is a short hint and asking again after any completion is better."""
+    def try_acquire(self, est_tokens: int) -> tuple[float, Ticket | None]:
+        """(0.0, ticket): admitted, a slot and the budget are reserved; answer the ticket with one `on_*` call.
+        (wait, None): ask again in `wait` seconds; when only a slot is missing the value is a short hint and
+        asking again after any completion is better."""
         now = self._clock()
         if now < self._paused_until:
-            return self._paused_until - now
+            return self._paused_until - now, None
         if self._in_flight >= int(self._cwnd):
-            return min(0.25, max(0.001, (self._latency or 0.01) / max(1.0, self._cwnd)))
+            return min(0.25, max(0.001, (self._latency or 0.01) / max(1.0, self._cwnd))), None
         startup = self._startup_rate()
         wait = max(0.0, self._startup_next - now) if startup else 0.0
         gates = self._gates(est_tokens)
@@ -209,7 +234,7 @@ class RateLimiter:
             bucket.refill(now)
             wait = max(wait, bucket.wait(cost, held))
         if wait > 0:
-            return wait
+            return wait, None
         for bucket, cost, _ in gates:
             bucket.level -= cost
         if startup:
@@ -217,7 +242,8 @@ class RateLimiter:
         self._in_flight += 1
         self.counts["admitted"] += 1
         self._log_admission(now, est_tokens)
-        return 0.0
+        known, known_tokens = self._settled + 1, self._settled_tokens + est_tokens
+        return 0.0, Ticket(est_tokens, now, self.counts["admitted"], self._adm_tokens, known, known_tokens)
 
     def _log_admission(self, now: float, tokens: float) -> None:
         self._adm_tokens += tokens
@@ -239,64 +265,59 @@ class RateLimiter:
 
     # ------------------------------------------------------------------------------------------ outcomes
 
-    def on_success(self, est_tokens: int, used_tokens: int, rate: RateLimitState, latency_s: float) -> None:
+    def on_success(self, ticket: Ticket, used_tokens: int, rate: RateLimitState, latency_s: float) -> None:
         now = self._clock()
-        self._release()
+        self._release(ticket)
         self.counts["ok"] += 1
         self._answered = True
-        tok = self._buckets["tokens"]
+        tok, est_tokens = self._buckets["tokens"], ticket.est_tokens
         if tok is not None and (self._refund or used_tokens > est_tokens):
             tok.refill(now)
             tok.level = min(tok.capacity, tok.level + est_tokens - used_tokens)
-        self._observe(rate, now, latency_s)
+        self._observe(ticket, rate, now, latency_s)
         self._note_latency(now, latency_s, used_tokens)
         self._grow()
 
-    def on_rate_limited(self, est_tokens: int, rate: RateLimitState, latency_s: float | None = None) -> None:
-        """A 429. `latency_s` (of this attempt) lets repeated 429s from one burst count as one signal."""
+    def on_rate_limited(self, ticket: Ticket, rate: RateLimitState, latency_s: float | None = None) -> None:
+        """A 429. Repeated 429s from one burst (requests admitted before the last cut) count as one signal."""
         now = self._clock()
-        self._release()
+        self._release(ticket)
         self.counts["rate_limited"] += 1
-        self._observe(rate, now, latency_s or 0.0)
+        self._observe(ticket, rate, now, latency_s)
         if rate.retry_after_s:
             self._paused_until = max(self._paused_until, now + rate.retry_after_s)
-        if latency_s is not None and now - latency_s >= self._last_cut:
-            self._limited_since_cut += 1
-        sent_at = now - (latency_s or 0.0)
-        if not self._new_signal(now, latency_s):
+        if not self._new_signal(ticket):
             return
-        since, limited = self._last_cut, self._limited_since_cut
+        since = self._last_cut
         self._cut(now, CONCURRENCY_CUT)
         if not (rate.has_limits or self._confirmed):
-            accepted = self._accepted_rate(since, sent_at, limited) if latency_s is not None else None
-            self._learn_pace(now, accepted)
+            self._learn_pace(now, self._accepted_rate(since, ticket.at))
         if self._pace is not None:  # a rate limit is the pace's job: keep enough slots to follow it
             self._cwnd = max(
                 self._cwnd, min(self._cwnd / CONCURRENCY_CUT, 1.5 * self._pace.rate * (self._latency or 0))
             )
         self._ssthresh = self._cwnd  # slow start is over once a limit has been hit
 
-    def on_failure(self, est_tokens: int, *, overloaded: bool = False) -> None:
+    def on_failure(self, ticket: Ticket, *, overloaded: bool = False) -> None:
         """Any other error. The budget stays spent (the server most likely counted the attempt)."""
         now = self._clock()
-        self._release()
+        self._release(ticket)
         self.counts["failed"] += 1
-        if overloaded and self._new_signal(now, None):
+        if overloaded and self._new_signal(ticket):
             self._cut(now, OVERLOAD_CUT)
 
-    def _release(self) -> None:
+    def _release(self, ticket: Ticket) -> None:
         self._in_flight = max(0, self._in_flight - 1)
+        self._settled += 1
+        self._settled_tokens += ticket.est_tokens
 
-    def _new_signal(self, now: float, latency_s: float | None) -> bool:
-        """One decrease per round trip: a signal counts if its request left after the last cut (without a
-        latency: if BLIND_GUARD_S or a typical round trip, whichever is shorter, has passed since the cut)."""
-        if latency_s is not None:
-            return now - latency_s >= self._last_cut
-        return now - self._last_cut >= min(self._latency or 1.0, BLIND_GUARD_S)
+    def _new_signal(self, ticket: Ticket) -> bool:
+        """One decrease per round trip: a signal counts if its request was admitted after the last cut (an
+        earlier one was let through by the limits the cut has already lowered)."""
+        return ticket.seq > self._cut_after
 
     def _cut(self, now: float, factor: float) -> None:
-        self._last_cut = now
-        self._limited_since_cut = 0
+        self._last_cut, self._cut_after = now, self.counts["admitted"]
         self.counts["cuts"] += 1
         self._cwnd = max(1.0, self._cwnd * factor)
 
@@ -312,15 +333,16 @@ class RateLimiter:
         step = 1.0 if self._cwnd < self._ssthresh else 1.0 / self._cwnd
         self._cwnd = min(float(self.max_concurrency), self._cwnd + step)
 
-    def _accepted_rate(self, since: float, until: float, limited: int) -> float | None:
+    def _accepted_rate(self, since: float, until: float) -> float | None:
         """The server's rate between two 429s, which both say its bucket was empty: what it accepted in
-        between is exactly its refill. Requests sent in between whose 429 has not come back count as accepted
-        (429s are fast), so this errs high, and the caller takes the lower of it and the current rate."""
+        between (the admissions from the last cut to this request: any 429 among them would have cut since) is
+        exactly its refill. Those whose 429 has not come back yet count as accepted (429s are fast), so this
+        errs high, and the caller takes the lower of it and the current rate."""
         span = until - since
         sent = self._admitted_since(since)[0] - self._admitted_since(until)[0]
         if not math.isfinite(span) or span <= 0 or sent < MIN_SAMPLE:
             return None
-        return max(0.0, sent - (limited - 1)) / span
+        return sent / span
 
     def _learn_pace(self, now: float, accepted: float | None) -> None:
         window = min(30.0, max(1.0, 2.0 * (self._latency or 0.5)))
@@ -335,36 +357,47 @@ class RateLimiter:
 
     # ------------------------------------------------------------------------------------------ headers
 
-    def _observe(self, rate: RateLimitState, now: float, latency_s: float) -> None:
-        # the server's snapshot was taken when it received the request; we date it at our send time minus a
-        # margin and count every admission since then as not yet in `remaining` (so an error is on the safe side)
-        snap = now - max(0.0, latency_s) - SNAP_MARGIN_S
-        after_n, after_tokens = self._admitted_since(snap)
-        dims = (
-            ("requests", rate.limit_requests, rate.remaining_requests, after_n),
-            ("tokens", rate.limit_tokens, rate.remaining_tokens, after_tokens),
+    def _observe(self, ticket: Ticket, rate: RateLimitState, now: float, latency_s: float | None) -> None:
+        """Reconcile our buckets with the server's `remaining` in the response to `ticket` (see the module
+        docstring: lowered to the best estimate, raised only to what is certain)."""
+        # the earliest moment the server can have read `remaining`; it may be much later (a send delayed by a
+        # busy client), or just now
+        sent = ticket.at if latency_s is None else max(ticket.at, now - max(0.0, latency_s))
+        n, t = self.counts["admitted"], self._adm_tokens
+        dims = (  # kind, limit, remaining, admitted after this request, unanswered when it was admitted or since
+            ("requests", rate.limit_requests, rate.remaining_requests, n - ticket.seq, n - ticket.known),
+            ("tokens", rate.limit_tokens, rate.remaining_tokens, t - ticket.cum_tokens, t - ticket.known_tokens),
         )
-        for kind, limit, remaining, after in dims:
-            bucket = self._buckets[kind]
+        for kind, limit, remaining, later, unsure in dims:
             if limit:
-                if not self._confirmed:  # the server states its limits: buckets govern, not slow start or pace
-                    self._confirmed, self._pace = True, None
-                    self._cwnd = self._ssthresh = float(self.max_concurrency)
-                cfg = self._cfg[kind]
-                self._authoritative[kind] = not cfg or cfg >= limit
-                target = min(cfg, limit) if cfg else limit
-                if bucket is None:
-                    bucket = self._buckets[kind] = _Bucket.per_minute(target, now)
-                elif bucket.capacity != target:
-                    bucket.refill(now)
-                    bucket.resize(target, target / 60.0)
-            if bucket is None or remaining is None or snap < self._last_snap[kind]:
-                continue  # an older view than one already applied says nothing new
-            self._last_snap[kind] = snap
+                self._adopt_limit(kind, limit, now)
+            bucket = self._buckets[kind]
+            if bucket is None or remaining is None:
+                continue
             bucket.refill(now)
-            server = min(bucket.capacity, remaining + bucket.rate * (now - snap - SNAP_MARGIN_S)) - after
-            if server < bucket.level or self._authoritative[kind]:
-                bucket.level = server
+            level = bucket.level
+            if self._authoritative[kind]:  # certain: none of `unsure` is known to be inside `remaining`
+                level = max(level, remaining - unsure)
+            if sent >= self._last_view[kind]:  # an older view than one already applied says nothing new
+                self._last_view[kind] = sent
+                level = min(level, min(bucket.capacity, remaining + bucket.rate * (now - sent)) - later)
+            bucket.level = min(bucket.capacity, level)
+
+    def _adopt_limit(self, kind: str, limit: int, now: float) -> None:
+        """The server states a limit: the buckets govern from now on (not slow start or the learned pace), at
+        the lower of it and ours; only when it is the lower one may its `remaining` raise our level."""
+        if not self._confirmed:
+            self._confirmed, self._pace = True, None
+            self._cwnd = self._ssthresh = float(self.max_concurrency)
+        cfg = self._cfg[kind]
+        self._authoritative[kind] = not cfg or cfg >= limit
+        target = min(cfg, limit) if cfg else limit
+        bucket = self._buckets[kind]
+        if bucket is None:
+            self._buckets[kind] = _Bucket.per_minute(target, now)
+        elif bucket.capacity != target:
+            bucket.refill(now)
+            bucket.resize(target, target / 60.0)
 
     # ------------------------------------------------------------------------------------------ telemetry
 
