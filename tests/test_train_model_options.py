@@ -286,11 +286,6 @@ def test_default_train_imports_no_gpu_package_and_keeps_packed_attention(tmp_pat
 
 # ---------------------------------------------------------------------------------------------- in the recipe
 
-RECIPE_HOOK = (
-    "recipe.py does not pass train.quantization / train.attn_implementation to load_model (and check_options) "
-    "yet, nor installs imitate_packed only under attn_implementation=auto"
-)
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
@@ -314,7 +309,6 @@ def _train(tmp_path: Path, tiny_run: tuple[Path, Path], *overrides: str):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason=RECIPE_HOOK)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
 def test_train_refuses_quantization_before_training(tmp_path: Path, tiny_run):
     with pytest.raises(TrainError, match="train.quantization=4bit needs a CUDA GPU"):
@@ -323,7 +317,6 @@ def test_train_refuses_quantization_before_training(tmp_path: Path, tiny_run):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason=RECIPE_HOOK)
 def test_train_uses_the_chosen_attention_when_packing(tmp_path: Path, tiny_run):
     trained = _train(tmp_path, tiny_run, "train.attn_implementation=eager")
     assert trained.model.get_base_model().config._attn_implementation == "eager"

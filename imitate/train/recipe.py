@@ -38,7 +38,7 @@ from imitate.train import attention, checkpoint, data, dropout, metrics, report
 from imitate.train.cache import cache_root, cached_tokenize
 from imitate.train.distributed import World, close_world, init_world
 from imitate.train.loss import token_losses
-from imitate.train.model import ModelSource, device_and_dtype, load_model, load_tokenizer, resolve
+from imitate.train.model import ModelSource, check_options, device_and_dtype, load_model, load_tokenizer, resolve
 from imitate.train.pack import collate, epoch_order, micro_batches
 from imitate.train.tokenize import ChatFormat, Example, TokenizeSummary
 
@@ -176,6 +176,8 @@ def train(
         if t.threads:
             torch.set_num_threads(t.threads)
         device, dtype = device_and_dtype(t.dtype)
+        gpu_options = {"quantization": t.quantization, "attn_implementation": t.attn_implementation}
+        check_options(resolve(model or t.model), dtype=dtype, **gpu_options)  # fail before tokenising
         prep = prepare(t, data_path, model)
         for line in prep.summary.lines():
             say(f"[bold]tokenise[/] {line}" + (" (cached)" if prep.cache_hit else ""))
@@ -312,8 +314,8 @@ def train(
 def _build_student(t: cfgmod.TrainConfig, source: ModelSource, device: Any, dtype: Any, world: World):
     from peft import LoraConfig, get_peft_model
 
-    model = load_model(source, dtype)
-    if t.batching == "pack":
+    model = load_model(source, dtype, quantization=t.quantization, attn_implementation=t.attn_implementation)
+    if t.batching == "pack" and t.attn_implementation == "auto":
         attention.install(model)  # one causal SDPA per packed example instead of a masked row
     lora = LoraConfig(
         r=t.lora.r,
