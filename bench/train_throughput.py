@@ -7,15 +7,18 @@ TRL lives only in a separate environment (the project venv never gets it):
     /tmp/benchvenv/bin/pip install torch==2.13.0
     /tmp/benchvenv/bin/pip install trl==1.16.0 transformers==5.24.0 peft==0.21.2 gguf==0.19.0 accelerate datasets
 
-Run it alone on the machine (it takes ~15 minutes on 2 cores):
+Run it alone on the machine (shared machines: under the bench lock; ~8 minutes per round on 2 cores):
 
-    .venv/bin/python bench/train_throughput.py --bench-python /tmp/benchvenv/bin/python
+    flock /tmp/imitate-bench.lock .venv/bin/python bench/train_throughput.py \
+        --bench-python /tmp/benchvenv/bin/python --steps 6 --warmup 2 --rounds 2
 
-Each trainer runs in its own process, one after the other, on the same plain (de-quantised once) model folder and
-the same 300 records (teacher-style step-by-step answers, rows of 40-360 words, a third with a system message).
-Throughput = real (non-pad) tokens ÷ wall time of the measured optimizer steps, after warm-up steps. Also
-printed: the measured fp32 matmul FLOP/s of this CPU next to the achieved FLOP/s (4·N rule, imitate/train/
-metrics.py), and a profile of one imitate step (phases by wall clock, operators by profiler self time).
+Each trainer runs in its own process on the same plain (de-quantised once) model folder and the same 300 records
+(teacher-style step-by-step answers, rows of 40-360 words, a third with a system message). Throughput = real
+(non-pad) tokens ÷ wall time of the measured optimizer steps, after warm-up steps. The trainers take turns, in
+reversed order every other round, so load from other jobs falls on all of them; the table pools the rounds and
+also prints imitate ÷ Trainer per round. Also printed: the measured fp32 matmul FLOP/s of this CPU next to the
+achieved FLOP/s (4·N rule, imitate/train/metrics.py), and a profile of one imitate step (phases by wall clock,
+operators by profiler self time).
 """
 
 from __future__ import annotations
@@ -193,7 +196,8 @@ def run_trl(work: Path, steps: int, warmup: int) -> dict:
 def profile_step(work: Path, pack_length: int) -> dict:
     """One imitate step by phase (wall clock) and by operator (profiler self time), before and after the fixes:
     'before' = stock SDPA on the block-diagonal mask + logits for every position + cross-entropy;
-    'after' = per-example causal SDPA, fused cross-entropy at supervised positions only, FastDropout (the recipe)."""
+    'after' = per-example causal SDPA, fused cross-entropy at supervised positions only, FastDropout and the fused
+    LoRA projection (what the recipe runs)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -219,7 +223,7 @@ def _profile_variant(variant: str, source, examples, plan) -> dict:
     from peft import LoraConfig, get_peft_model
     from torch.profiler import ProfilerActivity, profile
 
-    from imitate.train import attention, dropout
+    from imitate.train import attention, dropout, fused
     from imitate.train.loss import _LinearCrossEntropy, hidden_states, split_model
     from imitate.train.model import load_model
     from imitate.train.pack import collate
@@ -232,6 +236,7 @@ def _profile_variant(variant: str, source, examples, plan) -> dict:
     model = get_peft_model(model, LoraConfig(**LORA)).train()
     if variant == "after":
         dropout.install(model, np.random.Generator(np.random.SFC64(0)))
+        fused.install(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     backbone, head = split_model(model)
 
@@ -263,25 +268,40 @@ def _profile_variant(variant: str, source, examples, plan) -> dict:
     for rows in plan[1:3]:
         step(rows, timings)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        tick = time.perf_counter()
         step(plan[3], {})
+        wall = time.perf_counter() - tick
     ops: dict[str, float] = {}
     for e in prof.key_averages():
         name = e.key
         if "scaled_dot_product" in name:
             kind = "attention (SDPA fwd+bwd)"
-        elif name in ("aten::mm", "aten::addmm", "aten::bmm"):
+        elif name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"):
             kind = "matmul"
-        elif "bernoulli" in name:
+        elif "bernoulli" in name or name == "aten::ge":
             kind = "LoRA dropout masks"
         elif "Optimizer" in name or "_foreach" in name:
             kind = "optimizer"
         else:
             kind = "other"
         ops[kind] = ops.get(kind, 0.0) + e.self_cpu_time_total / 1e6
+    # Wall time in no operator: Python, and numpy drawing FastDropout's bits (not a torch op).
+    ops["outside operators (Python, numpy RNG)"] = max(0.0, wall - sum(ops.values()))
     return {"phases": timings, "ops": ops}
 
 
 # ---------------------------------------------------------------------------------------------- driver
+
+
+def _rate(result: dict) -> float:
+    return result["tokens"] / result["seconds"]
+
+
+def _pooled(results: list[dict]) -> dict:
+    """Rounds of one trainer as one run: total tokens over total seconds."""
+    tokens, seconds = sum(r["tokens"] for r in results), sum(r["seconds"] for r in results)
+    slots = sum(r["tokens"] / (1 - r["pad_fraction"]) for r in results)
+    return {"tokens": tokens, "seconds": seconds, "pad_fraction": 1 - tokens / slots}
 
 
 def main() -> None:
@@ -290,6 +310,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps per trainer")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--pack-length", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=2, help="turns each trainer takes (order reversed each round)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--runner", choices=["imitate", "hf", "trl", "profile"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -322,16 +343,27 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
         before = os.getloadavg()[0]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        print(f"{runner}: load average {before:.2f} before, {os.getloadavg()[0]:.2f} after", flush=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{runner} failed:\n{proc.stderr[-4000:]}")
-        return json.loads(line[len("RESULT ") :])
+        result = json.loads(line[len("RESULT ") :])
+        if "tokens" in result:
+            rate = result["tokens"] / result["seconds"]
+            load = f"load average {before:.2f} before, {os.getloadavg()[0]:.2f} after"
+            print(f"  {runner}: {rate:.1f} real tokens/s; {load}", flush=True)
+        return result
 
     roofline = matmul_flops("cpu", seconds=2.0)
-    results = {"imitate": child("imitate"), "hf": child("hf")}
+    pythons = {"imitate": sys.executable, "hf": sys.executable}
     if args.bench_python:
-        results["trl"] = child("trl", args.bench_python)
+        pythons["trl"] = args.bench_python
+    runs: dict[str, list[dict]] = {name: [] for name in pythons}
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}", flush=True)
+        for name in list(pythons)[:: 1 if r % 2 == 0 else -1]:
+            runs[name].append(child(name, pythons[name]))
+        print(f"  imitate / Trainer this round: {_rate(runs['imitate'][-1]) / _rate(runs['hf'][-1]):.2f}x", flush=True)
+    results = {name: _pooled(rs) for name, rs in runs.items()}
     prof = child("profile")
 
     import torch

@@ -43,23 +43,21 @@ def packed_attention(
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     p = dropout if module.training else 0.0
     rows = []
-    for row, spans in enumerate(imitate_segments):
+    by_row = zip(*(t.split(1) for t in (query, key, value)), imitate_segments, strict=True)
+    for q_row, k_row, v_row, spans in by_row:
+        # One split per tensor, not a slice per example: the backward of a split is one concatenation, where
+        # slices would each zero-fill a full-size gradient and add it up.
+        sizes = [b - a for a, b in spans]
+        tail = query.shape[2] - sum(sizes)  # padding after the last example: nothing attends there
+        qs, ks, vs = (t.split([*sizes, tail], dim=2)[: len(sizes)] for t in (q_row, k_row, v_row))
         parts = [
-            F.scaled_dot_product_attention(
-                query[row : row + 1, :, a:b],
-                key[row : row + 1, :, a:b],
-                value[row : row + 1, :, a:b],
-                dropout_p=p,
-                is_causal=True,
-                scale=scaling,
-            )
-            for a, b in spans
+            F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scaling).transpose(1, 2)
+            for q, k, v in zip(qs, ks, vs, strict=True)
         ]
-        tail = query.shape[2] - (spans[-1][1] if spans else 0)
-        if tail:  # padding after the last example: nothing attends there, its output is never used
-            parts.append(query.new_zeros(1, query.shape[1], tail, query.shape[3]))
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+        if tail:  # its output is never used
+            parts.append(query.new_zeros(1, tail, query.shape[1], query.shape[3]))
+        rows.append(torch.cat(parts, dim=1))  # [1, length, heads, dim]: already the layout the caller wants
+    return torch.cat(rows), None
 
 
 def install(model: Any) -> None:

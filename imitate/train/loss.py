@@ -31,16 +31,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if need_grad else None
+        # One logits buffer for all chunks: a fresh 64 MiB tensor per chunk costs its page faults every time.
+        buffer = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
-            logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            losses[start : start + chunk] = lse - logits.gather(1, t[:, None]).squeeze(1)
-            if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grad[start : start + chunk] = probs.to(h.dtype) @ weight
+            # One max, one in-place exp, one sum over the [chunk × vocab] logits: `torch.logsumexp` followed by a
+            # second exp for the softmax made three more full passes (and two temporaries) per chunk.
+            logits = buffer[: h.shape[0]]
+            if h.dtype == torch.float32:
+                torch.mm(h, weight.t(), out=logits)
+            else:
+                logits.copy_(h @ weight.t())
+            top = logits.amax(dim=-1, keepdim=True)
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            sums = logits.sub_(top).exp_().sum(dim=-1)
+            losses[start : start + chunk] = top.squeeze(1) + sums.log() - picked
+            if need_grad:  # (softmax − one-hot) @ W = (exp @ W) / sum − W[target]: no pass to normalise the probs
+                g = (logits.to(h.dtype) @ weight).div_(sums[:, None].to(h.dtype))
+                grad[start : start + chunk] = g.sub_(weight[t])
         ctx.save_for_backward(grad if need_grad else hidden.new_empty(0))
         return losses
 

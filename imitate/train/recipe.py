@@ -34,7 +34,7 @@ from rich.console import Console
 from imitate import config as cfgmod
 from imitate.errors import TrainError
 from imitate.records import Record
-from imitate.train import attention, checkpoint, data, dropout, metrics, report
+from imitate.train import attention, checkpoint, data, dropout, fused, metrics, report
 from imitate.train.cache import cache_root, cached_tokenize
 from imitate.train.distributed import World, close_world, init_world
 from imitate.train.loss import token_losses
@@ -328,6 +328,7 @@ def _build_student(t: cfgmod.TrainConfig, source: ModelSource, device: Any, dtyp
     model = get_peft_model(model, lora).to(device)
     dropout_rng = np.random.Generator(np.random.SFC64(t.seed))
     dropout.install(model, dropout_rng)  # same semantics, faster masks on CPU (train/dropout.py)
+    fused.install(model)  # each LoRA projection as one autograd node, peft's arithmetic (train/fused.py)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     world.broadcast_params(params)
