@@ -95,3 +95,20 @@ def test_install_only_swaps_plain_lora_linears():
     x = torch.randn(1, 3, 32)
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     assert isinstance(layer, FusedLoraLinear) and layer._fused_adapter(x, (), {}) is None  # DoRA: peft's path
+
+
+def test_autocast_and_base_layer_hooks_fall_back_to_peft(batch):
+    """Under autocast the fused gemms would mix dtypes, and hooks on the base layer must run: peft's path does both."""
+    model = _student(0.0, fuse=True).eval()
+    layer = next(m for m in model.modules() if isinstance(m, FusedLoraLinear))
+    x = torch.randn(3, layer.base_layer.in_features)
+    with torch.no_grad():
+        assert layer._fused_adapter(x, (), {}) is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer._fused_adapter(x, (), {}) is None
+            assert layer(x).dtype == torch.bfloat16  # runs (peft's path) instead of failing on mixed dtypes
+        seen = []
+        handle = layer.base_layer.register_forward_hook(lambda *a: seen.append(1))
+        layer(x)
+        handle.remove()
+    assert seen == [1]

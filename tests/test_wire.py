@@ -7,8 +7,11 @@ import contextlib
 import gzip
 import json
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -212,6 +215,14 @@ def test_error_statuses_come_back_as_responses_not_exceptions():
         (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n\r\nab", "not valid gzip"),
         (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
         (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000, "larger than 64 KiB"),
+        (b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n", "not an HTTP/1.x response"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nab\r\n0\r\n\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "unsupported Transfer-Encoding"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X-T: y\r\n" * 10_000 + b"\r\n",
+            "trailers larger than 64 KiB",
+        ),
     ],
 )
 def test_malformed_responses_are_wire_errors(response, message):
@@ -222,6 +233,27 @@ def test_malformed_responses_are_wire_errors(response, message):
     with pytest.raises(WireError, match=message) as info:
         run(go())
     assert not info.value.timeout
+    assert info.value.response is None or message in ("unsupported Content-Encoding", "not valid gzip")
+
+
+def test_an_undecodable_but_complete_response_is_not_a_network_error():
+    """A server that compresses with a coding we cannot decode did answer: the error carries the response, and the
+    client classifies it by status (a 200 is BadResponse, a 429 RateLimited), never NetworkError (resend)."""
+    from imitate.errors import BadResponse, NetworkError, RateLimited
+
+    async def go(status: bytes):
+        async with (
+            serve(answering(b"HTTP/1.1 " + status + b"\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\nab")) as s,
+            TeacherClient(f"http://127.0.0.1:{s.port}/v1", transport="wire") as client,
+        ):
+            await client.chat([Message(role="user", content="hi")], model="m", params=GenerationParams())
+
+    with pytest.raises(BadResponse, match="HTTP 200 but response uses an unsupported Content-Encoding: br") as info:
+        run(go(b"200 OK"))
+    assert isinstance(info.value.__cause__, WireError) and info.value.__cause__.response[0] == 200
+    with pytest.raises(RateLimited) as info:
+        run(go(b"429 Too Many Requests"))
+    assert not isinstance(info.value, NetworkError)
 
 
 def test_a_response_cut_short_is_an_error_not_a_short_body():
@@ -340,6 +372,80 @@ def test_connections_are_capped_and_waiters_are_served():
     s, results = run(go())
     assert [r[0] for r in results] == [200] * 20
     assert s.max_open <= 3 and s.connections == 3
+
+
+def test_a_reset_cuts_a_close_delimited_body_instead_of_ending_it():
+    def factory(server):
+        async def handler(reader, writer):
+            await server.read_request(reader)
+            writer.write(b'HTTP/1.1 200 OK\r\n\r\n{"choices":[{"message":{"content":"hel')
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+            writer.transport.abort()
+
+        return handler
+
+    async def go():
+        async with serve(factory) as s:
+            return await post(s)
+
+    with pytest.raises(WireError, match="in the middle of the response"):
+        run(go())
+
+
+def test_a_connection_closed_right_after_its_answer_is_not_reused_even_before_the_loop_sees_it():
+    """The server answers (keep-alive by default) and closes at once; the next request is issued without yielding
+    to the event loop, so only the readability check before reuse can tell the connection is dead."""
+
+    def factory(server):
+        async def handler(reader, writer):
+            if await server.read_request(reader) is not None:
+                writer.write(ok())
+                await writer.drain()
+
+        return handler
+
+    async def go():
+        async with serve(factory) as s:
+            client = WireClient(f"http://127.0.0.1:{s.port}", HEADERS)
+            statuses = []
+            for _ in range(30):
+                statuses.append((await client.post("/", b"{}", timeout=5))[0])
+                time.sleep(0.002)  # the server's FIN arrives while this loop does not yield
+            await client.aclose()
+            return statuses, s.connections
+
+    statuses, connections = run(go())
+    assert statuses == [200] * 30 and connections == 30
+
+
+def test_transfer_encoding_with_content_length_is_read_chunked_and_the_connection_dropped():
+    response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n2\r\nab\r\n0\r\n\r\n"
+
+    async def go():
+        async with serve(answering(response)) as s:
+            client = WireClient(f"http://127.0.0.1:{s.port}", HEADERS)
+            bodies = [(await client.post("/", b"{}", timeout=5))[2] for _ in range(2)]
+            await client.aclose()
+            return bodies, s.connections
+
+    assert run(go()) == ([b"ab", b"ab"], 2)
+
+
+def test_only_a_proxy_that_applies_to_the_teacher_switches_off_the_wire(monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                 "no_proxy"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    url = "http://127.0.0.1:8089/v1"
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    monkeypatch.setenv("APT_PROXY", "http://10.0.0.1:3142")
+    assert TeacherClient(url)._wire is not None
+    monkeypatch.setenv("HTTP_PROXY", "http://10.0.0.1:3128")
+    assert TeacherClient(url)._wire is not None  # NO_PROXY exempts the host
+    monkeypatch.delenv("NO_PROXY")
+    assert TeacherClient(url)._wire is None
 
 
 # ---------------------------------------------------------------------------------------------- timeouts
@@ -474,4 +580,5 @@ def test_teacher_client_on_wire_sends_what_the_sdk_sends():
     assert json.loads(wire_body) == json.loads(sdk_body)
     assert wire_head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
     assert b"\r\nAuthorization: Bearer sk-x\r\n" in wire_head
+    assert b"\r\nAccept-Encoding: gzip, deflate\r\n" in wire_head
     assert b"authorization: bearer sk-x" in sdk_head.lower()

@@ -39,6 +39,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx2
 
@@ -180,6 +181,15 @@ class _Pools:
             await transport.aclose()
 
 
+def _proxied(url: str) -> bool:
+    """Whether the proxy environment (HTTP(S)_PROXY / ALL_PROXY, minus NO_PROXY) sends `url` through a proxy."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(parts.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(parts.hostname or "")
+
+
 def _error_body(content: bytes) -> object:
     """An error response's body as the SDK would hand it over: parsed JSON, else the text."""
     try:
@@ -226,13 +236,13 @@ class TeacherClient:
         self._extensions = {"timeout": self._timeout.as_dict()}
         # an owned client without proxies sends through our own connections (wire, or small httpx2 pools);
         # otherwise through `http_client.send`, which applies whatever the caller (or the environment) configured
-        own = self._owns_http and not urllib.request.getproxies()
+        own = self._owns_http and not _proxied(self.base_url)
         self._wire: WireClient | None = None
         self._pools: _Pools | None = None
         if own and transport == "wire":
             self._wire = WireClient(
                 self.base_url,
-                headers,
+                [*headers, ("Accept-Encoding", "gzip, deflate")],  # what the wire decodes (httpx2 sends the same)
                 max_connections=max_connections,
                 connect_timeout=min(timeout, 10.0),
                 ssl_context=httpx2.create_ssl_context(),  # the CA bundle httpx2 and the SDK would use
@@ -304,6 +314,11 @@ class TeacherClient:
                     "chat/completions", payload.encode(), timeout=self._timeout_s
                 )
             except WireError as exc:
+                if exc.response is not None:  # answered in full, but the body cannot be decoded: not a network error
+                    status, headers, _ = exc.response
+                    if 200 <= status < 300:
+                        raise BadResponse(f"HTTP {status} but {exc}", status=status) from exc
+                    raise error_for_status(status, headers, str(exc), api_key=self._api_key) from exc
                 if exc.timeout:
                     raise NetworkError(f"chat completion: timed out talking to {self.base_url} ({exc})") from exc
                 detail = _scrub(str(exc), self._api_key)

@@ -10,13 +10,16 @@ request keeps using httpx2 / the openai SDK (`imitate/teacher/client.py` decides
 What it speaks (RFC 9112, client side, for one origin):
 - `http` and `https` (TLS through `ssl`, SNI and hostname checked); TCP_NODELAY (asyncio's default);
 - requests with `Content-Length`, written in one piece; responses framed by `Content-Length`, by
-  `Transfer-Encoding: chunked` (extensions and trailers skipped) or by the connection closing; 1xx skipped;
-  `Content-Encoding` gzip / deflate / identity; header names lowercased, repeated headers joined with ", ";
+  `Transfer-Encoding: chunked` (extensions and trailers skipped) or by a clean close (a reset is an error); 1xx
+  skipped; `Content-Encoding` gzip / deflate / identity (the caller should send `Accept-Encoding` to match: a
+  complete response in another coding is a `WireError` carrying the response); header names lowercased,
+  repeated headers joined with ", ";
 - keep-alive pool: at most `max_connections` connections (a semaphore; waiting requests queue fairly), the most
   recently used idle connection first; a connection is dropped, never reused, when the server said `close`, spoke
-  HTTP/1.0 without keep-alive, closed it while idle (the protocol sees the EOF), sent bytes nobody asked for, or
-  sat idle longer than `keepalive_expiry` (shorter than uvicorn's 5 s default, so the usual idle-close race
-  does not arise) or than a `Keep-Alive: timeout=N` it announced;
+  HTTP/1.0 without keep-alive, sent both Transfer-Encoding and Content-Length, closed it while idle (the protocol
+  saw the EOF, or its socket polls readable just before reuse), sent bytes nobody asked for, or sat idle longer
+  than `keepalive_expiry` (shorter than uvicorn's 5 s default, so the usual idle-close race does not arise) or
+  than a `Keep-Alive: timeout=N` it announced;
 - one deadline per request (waiting for a connection, connecting, sending and reading), plus a connect timeout.
   A request that fails or is cancelled halfway closes its connection: a half-read response is never reused.
 
@@ -27,6 +30,8 @@ a `WireError` and the caller's retry policy decides (a silent resend could pay f
 from __future__ import annotations
 
 import asyncio
+import re
+import select
 import ssl
 import zlib
 from collections import deque
@@ -37,16 +42,24 @@ MAX_HEAD = 64 * 1024  # bytes of status line + headers
 MAX_BODY = 256 * 1024 * 1024
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _TRAILER, _UNTIL_CLOSE, _DONE = range(7)
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 Response = tuple[int, dict[str, str], bytes]  # status, headers (lowercase names), decoded body
 
 
 class WireError(Exception):
-    """The request did not get a complete, well-formed response; `timeout` tells timeouts apart."""
+    """The request did not get a complete, well-formed response; `timeout` tells timeouts apart. `response` is
+    set when the whole response arrived but its body could not be decoded (the server did answer: a caller must
+    not treat that as a network failure and resend blindly)."""
 
-    def __init__(self, message: str, *, timeout: bool = False):
+    def __init__(self, message: str, *, timeout: bool = False, response: Response | None = None):
         super().__init__(message)
         self.timeout = timeout
+        self.response = response
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def _decode(body: bytes, encoding: str | None) -> bytes:
@@ -85,6 +98,7 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._remaining = 0
         self._chunks: list[bytes] = []
+        self._size = 0  # bytes in _chunks (body) or of trailers read so far
 
     # ------------------------------------------------------------------------------ asyncio.Protocol
 
@@ -108,7 +122,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self._waiter is None or self._waiter.done():
             return
-        if self._state == _UNTIL_CLOSE:
+        if self._state == _UNTIL_CLOSE and exc is None:  # a clean close ends the body; a reset cuts it
             self._chunks.append(bytes(self._buf))
             self._buf.clear()
             self.keep_alive = False
@@ -122,7 +136,7 @@ class _Connection(asyncio.Protocol):
 
     def request(self, data: bytes) -> asyncio.Future[Response]:
         self._waiter = self._loop.create_future()
-        self._state, self._status, self._headers, self._chunks = _HEAD, 0, {}, []
+        self._state, self._status, self._headers, self._chunks, self._size = _HEAD, 0, {}, [], 0
         assert self.transport is not None
         self.transport.write(data)
         return self._waiter
@@ -174,16 +188,19 @@ class _Connection(asyncio.Protocol):
                     if len(buf) > MAX_HEAD:
                         raise WireError("chunk size line too long")
                     return
-                size_text = bytes(buf[:end]).split(b";", 1)[0].strip()
+                size_text = bytes(buf[:end]).split(b";", 1)[0].strip(b" \t")
                 del buf[: end + 2]
-                try:
-                    size = int(size_text, 16)
-                except ValueError:
-                    raise WireError(f"bad chunk size {size_text[:20]!r}") from None
-                if size < 0 or sum(map(len, self._chunks)) + size > MAX_BODY:
+                if not _HEX.fullmatch(size_text):
+                    raise WireError(f"bad chunk size {size_text[:20]!r}")
+                size = int(size_text, 16)
+                self._size += size
+                if self._size > MAX_BODY:
                     raise WireError("chunked body too large")
                 self._remaining = size
-                self._state = _CHUNK_DATA if size else _TRAILER
+                if size:
+                    self._state = _CHUNK_DATA
+                else:
+                    self._state, self._size = _TRAILER, 0
             elif state == _CHUNK_DATA:
                 if len(buf) < self._remaining + 2:
                     return
@@ -194,8 +211,11 @@ class _Connection(asyncio.Protocol):
                 self._state = _CHUNK_SIZE
             elif state == _TRAILER:
                 end = buf.find(b"\r\n")
+                if self._size + (end + 2 if end >= 0 else len(buf)) > MAX_HEAD:
+                    raise WireError(f"response trailers larger than {MAX_HEAD // 1024} KiB")
                 if end < 0:
                     return
+                self._size += end + 2
                 empty = end == 0
                 del buf[: end + 2]
                 if empty:
@@ -203,8 +223,9 @@ class _Connection(asyncio.Protocol):
                     return
             elif state == _UNTIL_CLOSE:
                 self._chunks.append(bytes(buf))
+                self._size += len(buf)
                 buf.clear()
-                if sum(map(len, self._chunks)) > MAX_BODY:
+                if self._size > MAX_BODY:
                     raise WireError("response body too large")
                 return
             else:
@@ -214,7 +235,7 @@ class _Connection(asyncio.Protocol):
         lines = head.split(b"\r\n")
         version, _, rest = lines[0].partition(b" ")
         code = rest[:3]
-        if not version.startswith(b"HTTP/1.") or not code.isdigit():
+        if not version.startswith(b"HTTP/1.") or not code.isdigit() or rest[3:4] not in (b"", b" "):
             raise WireError(f"not an HTTP/1.x response: {lines[0][:80]!r}")
         status = int(code)
         headers: dict[str, str] = {}
@@ -234,7 +255,7 @@ class _Connection(asyncio.Protocol):
         if "keep-alive" in headers:  # e.g. "timeout=5, max=100": leave before the server does
             for part in headers["keep-alive"].split(","):
                 key, _, value = part.strip().partition("=")
-                if key.lower() == "timeout" and value.strip().isdigit():
+                if key.lower() == "timeout" and _digits(value.strip()):
                     self.expiry = min(self.expiry, max(0.0, int(value) - 1.0))
         if status in (204, 304):
             self._finish(b"")
@@ -242,13 +263,18 @@ class _Connection(asyncio.Protocol):
         encoding = headers.get("transfer-encoding")
         length = headers.get("content-length")
         if encoding is not None:
-            if encoding.lower().rsplit(",", 1)[-1].strip() == "chunked":
+            codings = [c.strip() for c in encoding.lower().split(",") if c.strip()]
+            if any(c not in ("chunked", "identity") for c in codings):
+                raise WireError(f"response uses an unsupported Transfer-Encoding: {encoding[:40]}")
+            if codings and codings[-1] == "chunked":
                 self._state = _CHUNK_SIZE
             else:  # RFC 9112 6.3: a final coding other than chunked is read until close
                 self._state, self.keep_alive = _UNTIL_CLOSE, False
+            if length is not None or version != b"HTTP/1.1":  # RFC 9112 6.3: do not trust this connection again
+                self.keep_alive = False
         elif length is not None:
             values = {v.strip() for v in length.split(",")}
-            if len(values) != 1 or not (value := values.pop()).isdigit():
+            if len(values) != 1 or not _digits(value := values.pop()):
                 raise WireError(f"bad Content-Length {length[:40]!r}")
             self._remaining = int(value)
             if self._remaining > MAX_BODY:
@@ -256,6 +282,17 @@ class _Connection(asyncio.Protocol):
             self._state = _LENGTH
         else:
             self._state, self.keep_alive = _UNTIL_CLOSE, False
+
+
+def _readable(conn: _Connection) -> bool:
+    """Whether an idle connection's socket has something to read: an EOF (or stray bytes) the event loop has not
+    delivered yet, e.g. the server closed it right after answering. Such a connection must not carry a request."""
+    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+    if sock is None:
+        return True
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class WireClient:
@@ -310,13 +347,17 @@ class WireClient:
                         self._release(conn, reusable)
         except TimeoutError:
             raise WireError(f"no complete response within {timeout:g} s", timeout=True) from None
-        return status, headers, _decode(raw, headers.get("content-encoding"))
+        try:
+            return status, headers, _decode(raw, headers.get("content-encoding"))
+        except WireError as exc:
+            exc.response = (status, headers, raw)
+            raise
 
     def _pop_idle(self) -> _Connection | None:
         now = asyncio.get_running_loop().time()
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed and now - conn.idle_since < conn.expiry:
+            if not conn.closed and now - conn.idle_since < conn.expiry and not _readable(conn):
                 return conn
             conn.close()
         return None

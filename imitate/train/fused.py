@@ -112,8 +112,10 @@ class FusedLoraLinear(LoraLinear):
             or lora_b.bias is not None
         ):
             return None
-        if not x.dtype == base.weight.dtype == lora_a.weight.dtype:
-            return None
+        if not x.dtype == base.weight.dtype == lora_a.weight.dtype or torch.is_autocast_enabled(x.device.type):
+            return None  # autocast would change the gemms' dtypes under us: peft's path handles it
+        if base._forward_hooks or base._forward_pre_hooks:
+            return None  # hooks on the base layer (e.g. accelerate offload) must run
         drop = self.lora_dropout[name]
         plain = isinstance(drop, nn.Identity) or not drop.training
         if not (plain or (isinstance(drop, FastDropout) and x.device.type == "cpu")):

