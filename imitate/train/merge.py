@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,9 @@ def attach(base: Any, adapter: Path) -> Any:
     except (OSError, ValueError, SafetensorError) as exc:
         raise InputError(f"cannot read the adapter in {adapter}: {str(exc).splitlines()[0][:200]}") from exc
     config.inference_mode = True
-    model = get_peft_model(base, config)
+    with warnings.catch_warnings():  # peft 0.21 calls a property transformers 5 deprecates: noise for users
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        model = get_peft_model(base, config)
     result = set_peft_model_state_dict(model, state)
     unfilled = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or unfilled:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,7 +328,9 @@ def _build_student(t: cfgmod.TrainConfig, source: ModelSource, device: Any, dtyp
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank, run after run
-    model = get_peft_model(model, lora).to(device)
+    with warnings.catch_warnings():  # peft 0.21 calls a property transformers 5 deprecates: noise for users
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        model = get_peft_model(model, lora).to(device)
     dropout_rng = np.random.Generator(np.random.SFC64(t.seed))
     dropout.install(model, dropout_rng)  # same semantics, faster masks on CPU (train/dropout.py)
     fused.install(model)  # each LoRA projection as one autograd node, peft's arithmetic (train/fused.py)
