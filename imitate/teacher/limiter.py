@@ -55,11 +55,13 @@ import math
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
+from imitate.teacher.buckets import EPS, Bucket, Ticket, estimate_tokens
 from imitate.teacher.reply import RateLimitState
+
+__all__ = ["RateLimiter", "Ticket", "estimate_tokens"]
 
 CONCURRENCY_CUT = 0.7  # multiplicative decrease of the concurrency limit on a 429
 OVERLOAD_CUT = 0.9  # ... and on a 5xx / timeout reported as overload
@@ -72,60 +74,6 @@ STARTUP_GAIN = 2.0  # with nothing known, slow start sends at most this multiple
 PACE_BURST_S = 1.0  # the pace bucket holds this many seconds of requests
 LATENCY_TOLERANCE = 4.0  # concurrency stops growing above this multiple of the per-token latency floor
 HISTORY_S = 60.0  # admissions kept at least this long (utilisation, header loop)
-_EPS = 1e-9
-
-
-def estimate_tokens(messages: Iterable[Any], max_tokens: int) -> int:
-    """What a request counts against TPM: ~4 UTF-8 bytes per prompt token, a few tokens of chat framing per
-    message, plus every completion token it may use. Messages are `Message`s or `{"role", "content"}` dicts."""
-    prompt = 3
-    for m in messages:
-        content = m["content"] if isinstance(m, Mapping) else m.content
-        prompt += 4 + math.ceil(len(content.encode("utf-8")) / 4)
-    return prompt + max(0, max_tokens)
-
-
-@dataclass(frozen=True, slots=True)
-class Ticket:
-    """One admitted request: what it reserved, when, and its place among the other admissions."""
-
-    est_tokens: int
-    at: float  # admission time (the limiter's clock): the request cannot have reached the server earlier
-    seq: int  # admissions so far, this one included
-    cum_tokens: float  # tokens admitted so far, this one included
-    # certainly inside the `remaining` of this request's response: itself, and every request answered (any
-    # outcome) before it was admitted, since those reached the server before it could
-    known: int
-    known_tokens: float
-
-
-class _Bucket:
-    """A token bucket refilled continuously at `rate` per second; the level may go negative (debt)."""
-
-    __slots__ = ("capacity", "level", "rate", "stamp")
-
-    def __init__(self, capacity: float, rate: float, now: float, level: float | None = None):
-        self.capacity, self.rate, self.stamp = float(capacity), float(rate), now
-        self.level = self.capacity if level is None else min(level, self.capacity)
-
-    @classmethod
-    def per_minute(cls, limit: float, now: float) -> _Bucket:
-        """OpenAI's model of a limit: a minute's worth of capacity, refilled evenly."""
-        return cls(limit, limit / 60.0, now)
-
-    def refill(self, now: float) -> None:
-        if now > self.stamp:
-            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-            self.stamp = now
-
-    def wait(self, cost: float, held: float = 0.0) -> float:
-        need = min(cost + held, self.capacity)  # a request bigger than the bucket waits for a full one
-        short = need - self.level
-        return 0.0 if short <= _EPS * max(1.0, need) else short / self.rate
-
-    def resize(self, capacity: float, rate: float) -> None:
-        self.capacity, self.rate = float(capacity), float(rate)
-        self.level = min(self.level, self.capacity)
 
 
 class RateLimiter:
@@ -142,9 +90,9 @@ class RateLimiter:
         self._clock = clock
         now = clock()
         self._cfg = {"requests": rpm, "tokens": tpm}
-        self._buckets: dict[str, _Bucket | None] = {
-            "requests": _Bucket.per_minute(rpm, now) if rpm else None,
-            "tokens": _Bucket.per_minute(tpm, now) if tpm else None,
+        self._buckets: dict[str, Bucket | None] = {
+            "requests": Bucket.per_minute(rpm, now) if rpm else None,
+            "tokens": Bucket.per_minute(tpm, now) if tpm else None,
         }
         self._confirmed = False  # a limit header has been seen
         # a server-stated limit we adopted: its `remaining` may raise our bucket too, not only lower it
@@ -161,7 +109,7 @@ class RateLimiter:
         self._paused_until = -math.inf
         self._last_cut = -math.inf
         self._cut_after = 0  # admissions before the last cut
-        self._pace: _Bucket | None = None
+        self._pace: Bucket | None = None
         self._startup_next = -math.inf
         # admissions: times and cumulative tokens (a list with a moving start, for bisect)
         self._adm_t: list[float] = []
@@ -202,7 +150,7 @@ class RateLimiter:
 
     # ------------------------------------------------------------------------------------------ admission
 
-    def _gates(self, est_tokens: int) -> list[tuple[_Bucket, float, float]]:
+    def _gates(self, est_tokens: int) -> list[tuple[Bucket, float, float]]:
         """(bucket, cost, held back) for every bucket in force, the learned pace included."""
         out = []
         for kind, cost in (("requests", 1.0), ("tokens", float(est_tokens))):
@@ -350,10 +298,10 @@ class RateLimiter:
         current = sent / window
         if self._pace is not None:
             current = min(current, self._pace.rate)
-        factor = PACE_CUT if accepted is None else PACE_CUT * min(1.0, accepted / max(current, _EPS))
+        factor = PACE_CUT if accepted is None else PACE_CUT * min(1.0, accepted / max(current, EPS))
         rate = max(max(PACE_CUT_MIN, factor) * current, 1.0 / 60.0)
         level = min(self._pace.level, 0.0) if self._pace else 0.0
-        self._pace = _Bucket(max(1.0, rate * PACE_BURST_S), rate, now, level=level)
+        self._pace = Bucket(max(1.0, rate * PACE_BURST_S), rate, now, level=level)
 
     # ------------------------------------------------------------------------------------------ headers
 
@@ -394,7 +342,7 @@ class RateLimiter:
         target = min(cfg, limit) if cfg else limit
         bucket = self._buckets[kind]
         if bucket is None:
-            self._buckets[kind] = _Bucket.per_minute(target, now)
+            self._buckets[kind] = Bucket.per_minute(target, now)
         elif bucket.capacity != target:
             bucket.refill(now)
             bucket.resize(target, target / 60.0)
