@@ -256,21 +256,19 @@ def test_an_undecodable_but_complete_response_is_not_a_network_error():
     assert not isinstance(info.value, NetworkError)
 
 
-def test_a_response_cut_short_is_an_error_not_a_short_body():
+@pytest.mark.parametrize(
+    ("response", "message"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part", "in the middle of the response"),
+        (b"", "closed the connection before answering"),
+    ],
+)
+def test_a_connection_closed_early_is_an_error_not_a_short_body(response, message):
     async def go():
-        async with serve(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part", keep_open=False)) as s:
+        async with serve(answering(response, keep_open=False)) as s:
             return await post(s)
 
-    with pytest.raises(WireError, match="in the middle of the response"):
-        run(go())
-
-
-def test_a_connection_closed_before_answering_is_an_error():
-    async def go():
-        async with serve(answering(b"", keep_open=False)) as s:
-            return await post(s)
-
-    with pytest.raises(WireError, match="closed the connection before answering"):
+    with pytest.raises(WireError, match=message):
         run(go())
 
 

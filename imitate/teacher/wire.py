@@ -379,6 +379,7 @@ class WireClient:
                     self.port,
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl else None,
+                    happy_eyeballs_delay=0.25,  # RFC 8305: a dead IPv6 route must not eat the connect timeout
                 )
         except TimeoutError:
             raise WireError(f"connecting to {self.host}:{self.port} timed out", timeout=True) from None
