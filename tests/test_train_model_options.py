@@ -333,3 +333,22 @@ def test_a_checkpoint_older_than_a_new_setting_resumes_when_the_setting_is_at_it
     changed = checkpoint.resume_key(TrainConfig(attn_implementation="eager"))
     with pytest.raises(TrainError, match="different train settings: attn_implementation$"):
         checkpoint.check_compatible({"data_hash": "h", "resume_key": older}, "h", changed)
+
+
+def test_peft_model_keeps_pefts_deprecation_noise_out_of_user_output():
+    """peft 0.21 + transformers 5 warn through get_peft_model; `peft_model` (recipe and merge) must not."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from train_fixtures import tiny_llama
+
+    from imitate.train.model import peft_model
+
+    def future_warnings(wrap) -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            wrap(tiny_llama(seed=1), LoraConfig(r=2, target_modules="all-linear"))
+        return [str(w.message) for w in seen if issubclass(w.category, FutureWarning)]
+
+    assert any("is_gradient_checkpointing" in m for m in future_warnings(get_peft_model))  # the noise exists
+    assert not any("is_gradient_checkpointing" in m for m in future_warnings(peft_model))

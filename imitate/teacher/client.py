@@ -307,42 +307,42 @@ class TeacherClient:
     async def _send_lean(self, body: dict[str, Any], extra: dict[str, Any] | None) -> tuple[bytes, Mapping[str, str]]:
         """The same POST without the SDK: the errors are those the SDK path maps to (timeouts and connection
         failures -> NetworkError, statuses through `error_for_status`)."""
-        payload = json.dumps({**body, **extra} if extra else body, ensure_ascii=False, separators=(",", ":"))
-        if self._wire is not None:
-            try:
-                status, headers, content = await self._wire.post(
-                    "chat/completions", payload.encode(), timeout=self._timeout_s
-                )
-            except WireError as exc:
-                if exc.response is not None:  # answered in full, but the body cannot be decoded: not a network error
-                    status, headers, _ = exc.response
-                    if 200 <= status < 300:
-                        raise BadResponse(f"HTTP {status} but {exc}", status=status) from exc
-                    raise error_for_status(status, headers, str(exc), api_key=self._api_key) from exc
-                if exc.timeout:
-                    raise NetworkError(f"chat completion: timed out talking to {self.base_url} ({exc})") from exc
-                detail = _scrub(str(exc), self._api_key)
-                raise NetworkError(f"chat completion: connection to {self.base_url} failed ({detail})") from exc
-            if not 200 <= status < 300:
-                raise error_for_status(status, headers, _error_body(content), api_key=self._api_key)
-            return content, headers
+        payload = json.dumps({**body, **extra} if extra else body, ensure_ascii=False, separators=(",", ":")).encode()
+        post = self._post_wire if self._wire is not None else self._post_httpx
+        status, headers, content = await post(payload)
+        if not 200 <= status < 300:
+            raise error_for_status(status, headers, _error_body(content), api_key=self._api_key)
+        return content, headers
+
+    async def _post_wire(self, payload: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        assert self._wire is not None
+        try:
+            return await self._wire.post("chat/completions", payload, timeout=self._timeout_s)
+        except WireError as exc:
+            if exc.response is not None:  # answered in full, but the body cannot be decoded: not a network error
+                status, headers, _ = exc.response
+                if 200 <= status < 300:
+                    raise BadResponse(f"HTTP {status} but {exc}", status=status) from exc
+                raise error_for_status(status, headers, str(exc), api_key=self._api_key) from exc
+            if exc.timeout:
+                raise NetworkError(f"chat completion: timed out talking to {self.base_url} ({exc})") from exc
+            detail = _scrub(str(exc), self._api_key)
+            raise NetworkError(f"chat completion: connection to {self.base_url} failed ({detail})") from exc
+
+    async def _post_httpx(self, payload: bytes) -> tuple[int, Mapping[str, str], bytes]:
         request = httpx2.Request(
-            "POST", self._chat_url, headers=self._headers, content=payload.encode(), extensions=self._extensions
+            "POST", self._chat_url, headers=self._headers, content=payload, extensions=self._extensions
         )
         try:
             if self._pools is not None:
-                status, headers, content = await self._pools.send(request)
-            else:
-                response = await self._http.send(request)
-                status, headers, content = response.status_code, response.headers, response.content
+                return await self._pools.send(request)
+            response = await self._http.send(request)
+            return response.status_code, response.headers, response.content
         except httpx2.TimeoutException as exc:
             raise NetworkError(f"chat completion: timed out talking to {self.base_url}") from exc
         except (httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError) as exc:
             detail = _scrub(f"{type(exc).__name__}: {exc}", self._api_key)
             raise NetworkError(f"chat completion: connection to {self.base_url} failed ({detail})") from exc
-        if not 200 <= status < 300:
-            raise error_for_status(status, headers, _error_body(content), api_key=self._api_key)
-        return content, headers
 
     def _translate(self, exc: Exception, what: str) -> TeacherError:
         import openai

@@ -63,7 +63,7 @@ def _digits(text: str) -> bool:
 
 
 def _decode(body: bytes, encoding: str | None) -> bytes:
-    """Undo `Content-Encoding` (we never ask for one, but a server may send gzip anyway)."""
+    """Undo `Content-Encoding` (the client asks for gzip or deflate; identity is always fine)."""
     encoding = (encoding or "identity").strip().lower()
     try:
         if encoding in ("identity", ""):

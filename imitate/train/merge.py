@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 
 from imitate.errors import InputError, TrainError
 from imitate.records import Message
-from imitate.train.model import ModelSource, load_model, load_tokenizer, resolve
+from imitate.train.model import ModelSource, load_model, load_tokenizer, peft_model, resolve
 from imitate.train.tokenize import ChatFormat
 
 PROBES = [
@@ -47,7 +46,7 @@ def base_of(adapter: Path, model: str | None = None) -> ModelSource:
 
 def attach(base: Any, adapter: Path) -> Any:
     """base + LoRA adapter (unmerged, eval mode), refusing any tensor that does not fit."""
-    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft import PeftConfig, set_peft_model_state_dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -60,9 +59,7 @@ def attach(base: Any, adapter: Path) -> Any:
     except (OSError, ValueError, SafetensorError) as exc:
         raise InputError(f"cannot read the adapter in {adapter}: {str(exc).splitlines()[0][:200]}") from exc
     config.inference_mode = True
-    with warnings.catch_warnings():  # peft 0.21 calls a property transformers 5 deprecates: noise for users
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        model = get_peft_model(base, config)
+    model = peft_model(base, config)
     result = set_peft_model_state_dict(model, state)
     unfilled = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or unfilled:

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import re
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,16 @@ def load_model(
         model = _plain_copy(model, dtype, attn)
     model.config.use_cache = False
     return model
+
+
+def peft_model(model: Any, config: Any) -> Any:
+    """`peft.get_peft_model`, without the FutureWarning peft 0.21 triggers through a property transformers 5
+    deprecates (noise in `imitate train` / `merge` output, nothing the user can act on)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def _plain_copy(model: Any, dtype: Any, attn: dict[str, str]) -> Any:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,15 @@ from imitate.train import attention, checkpoint, data, dropout, fused, metrics, 
 from imitate.train.cache import cache_root, cached_tokenize
 from imitate.train.distributed import World, close_world, init_world
 from imitate.train.loss import token_losses
-from imitate.train.model import ModelSource, check_options, device_and_dtype, load_model, load_tokenizer, resolve
+from imitate.train.model import (
+    ModelSource,
+    check_options,
+    device_and_dtype,
+    load_model,
+    load_tokenizer,
+    peft_model,
+    resolve,
+)
 from imitate.train.pack import collate, epoch_order, micro_batches
 from imitate.train.tokenize import ChatFormat, Example, TokenizeSummary
 
@@ -315,7 +322,7 @@ def train(
 
 
 def _build_student(t: cfgmod.TrainConfig, source: ModelSource, device: Any, dtype: Any, world: World):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     model = load_model(source, dtype, quantization=t.quantization, attn_implementation=t.attn_implementation)
     if t.batching == "pack" and t.attn_implementation == "auto":
@@ -328,9 +335,7 @@ def _build_student(t: cfgmod.TrainConfig, source: ModelSource, device: Any, dtyp
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(t.seed)  # the same LoRA initialisation on every rank, run after run
-    with warnings.catch_warnings():  # peft 0.21 calls a property transformers 5 deprecates: noise for users
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        model = get_peft_model(model, lora).to(device)
+    model = peft_model(model, lora).to(device)
     dropout_rng = np.random.Generator(np.random.SFC64(t.seed))
     dropout.install(model, dropout_rng)  # same semantics, faster masks on CPU (train/dropout.py)
     fused.install(model)  # each LoRA projection as one autograd node, peft's arithmetic (train/fused.py)
