@@ -7,14 +7,18 @@
     │   ├── RateLimited                        429 throttling: wait (Retry-After) and retry
     │   ├── QuotaExhausted                     429 insufficient_quota / billing: stop that teacher
     │   ├── AuthError                          401/403: stop that teacher
+    │   ├── ModelNotFound                      404 model not found: stop that teacher
+    │   ├── TLSFailure                         certificate/handshake failure: stop that teacher
     │   ├── ContextTooLong                     400 context_length_exceeded: record, never retry
     │   ├── BadRequest                         other 4xx: record, never retry
     │   ├── Truncated                          finish_reason == "length": kept with a flag
     │   ├── ContentFiltered                    finish_reason == "content_filter" or a policy 400
     │   ├── ServerError                        5xx: back off and retry
-    │   ├── NetworkError                       reset, refused, timeout: back off and retry
+    │   ├── NetworkError                       reset, timeout: back off and retry
+    │   │   └── ConnectFailed                  refused, DNS: retry; many in a row with no answer stop the run
     │   └── BadResponse                        malformed JSON, no choices: retry a few times
     ├── BudgetExhausted               exit 5   --max-usd / --max-tokens / --max-requests reached
+    ├── StorageError                  exit 7   the output cannot be written (disk full, read-only): stop at once
     ├── Interrupted                   exit 130 SIGINT/SIGTERM: partial output is valid
     └── TrainError                    exit 6   tokenisation refusals, training or merge failures
 
@@ -93,6 +97,14 @@ class AuthError(TeacherError):
     pass
 
 
+class ModelNotFound(TeacherError):
+    """404 for the model (or the endpoint): no request to this teacher can succeed."""
+
+
+class TLSFailure(TeacherError):
+    """The TLS handshake or certificate check failed: retrying cannot help."""
+
+
 class ContextTooLong(TeacherError):
     pass
 
@@ -117,12 +129,23 @@ class NetworkError(TeacherError):
     retryable = True
 
 
+class ConnectFailed(NetworkError):
+    """No connection could be made (refused, DNS failure, unreachable host): nothing was sent or billed."""
+
+
 class BadResponse(TeacherError):
     retryable = True
 
 
 class BudgetExhausted(ImitateError):
     exit_code = 5
+
+
+class StorageError(ImitateError):
+    """The output directory cannot be written (ENOSPC, EROFS, EACCES...): buying answers that cannot be stored
+    would waste money, so the run stops at once."""
+
+    exit_code = 7
 
 
 class Interrupted(ImitateError):
@@ -134,4 +157,4 @@ class TrainError(ImitateError):
 
 
 # Teacher errors after which no more requests should go to that teacher in this run.
-TEACHER_FATAL = (QuotaExhausted, AuthError)
+TEACHER_FATAL = (QuotaExhausted, AuthError, ModelNotFound, TLSFailure)
