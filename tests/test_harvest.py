@@ -70,7 +70,7 @@ async def test_every_fault_class_becomes_the_right_row(fake, tmp_path: Path):
     src = write_queries(tmp_path / "q.jsonl", list(questions.values()))
     out = tmp_path / "out"
     outcome = await harvest(cfg_for(fake.base_url), str(src), out, progress="quiet")
-    assert outcome.error is None, outcome.manifest
+    assert isinstance(outcome.error, TeacherError) and "1 rows failed for a transient reason" in outcome.error.message
     by_q = {r.query.question: r for r in rows(out)}
     assert len(by_q) == len(questions)
 
@@ -91,9 +91,11 @@ async def test_every_fault_class_becomes_the_right_row(fake, tmp_path: Path):
         assert (r.status, r.error_class, r.provenance.attempts) == ("failed", cls, attempts), (name, r)
     assert get("length").status == "ok" and get("length").truncated
     m = outcome.manifest
-    assert m["status"] == "complete"
-    assert m["totals"]["ok"] == 7 and m["totals"]["failed"] == 4
+    assert m["status"] == "partial" and m["totals"]["pending"] == 1  # the 502 row is asked again by a rerun
+    assert (m["totals"]["ok"], m["totals"]["failed"], m["totals"]["retry_next_run"]) == (7, 3, 1)
     assert m["this_run"]["requests"] == sum(r.provenance.attempts for r in by_q.values())
+    again = await harvest(cfg_for(fake.base_url), str(src), out, progress="quiet")
+    assert again.manifest["this_run"]["requests"] == 4 and again.manifest["totals"]["billable"]["requests"] == 21 + 4
 
 
 async def test_resume_never_pays_twice_and_changed_prompt_is_a_miss(fake, tmp_path: Path):
@@ -137,6 +139,38 @@ async def test_each_budget_stops_the_run(fake, tmp_path: Path, flag: str, value:
     if flag == "max_usd":
         assert t["spend_usd"] <= 0.002
     assert t["spend_usd"] == pytest.approx(sum(r.provenance.cost_usd for r in rows(out)))
+
+
+@pytest.mark.parametrize("rpm", [None, 100_000])
+async def test_max_requests_is_used_exactly_not_stopped_early(fake, tmp_path: Path, rpm):
+    src = write_queries(tmp_path / "q.jsonl", [f"Budget row {i}." for i in range(100)])
+    extra = [f"harvest.teachers.0.rpm={rpm}"] if rpm else []
+    outcome = await harvest(cfg_for(fake.base_url, "harvest.budget.max_requests=37", *extra), str(src),
+                            tmp_path / "out", progress="quiet")  # fmt: skip
+    assert isinstance(outcome.error, BudgetExhausted)
+    assert fake.stats()["requests"] == 37 and outcome.manifest["totals"]["ok"] == 37  # not 8, not 34
+
+
+async def test_max_requests_counts_retries_across_runs(fake, tmp_path: Path):
+    src = write_queries(tmp_path / "q.jsonl", [f"Flaky {i}. [[fault:500x1]]" for i in range(30)])
+    out = tmp_path / "out"
+    for _ in range(3):
+        outcome = await harvest(cfg_for(fake.base_url, "harvest.budget.max_requests=37"), str(src), out,
+                                progress="quiet")  # fmt: skip
+        assert isinstance(outcome.error, BudgetExhausted)
+    assert fake.stats()["requests"] == 37  # every attempt counted, in every run: never 60 for 37
+    assert outcome.manifest["totals"]["billable"]["requests"] == 37 and outcome.manifest["this_run"]["requests"] == 0
+
+
+async def test_max_usd_is_used_to_within_one_request_estimate(fake, tmp_path: Path):
+    src = write_queries(tmp_path / "q.jsonl", [f"Spend row {i}." for i in range(200)])
+    prices = ["prices.fake-teacher.input_per_mtok=1000", "prices.fake-teacher.output_per_mtok=1000"]
+    outcome = await harvest(cfg_for(fake.base_url, "harvest.budget.max_usd=10", *prices), str(src), tmp_path / "out",
+                            progress="quiet")  # fmt: skip
+    assert isinstance(outcome.error, BudgetExhausted)
+    spent = outcome.manifest["totals"]["spend_usd"]
+    one_request = 200 * 1000 / 1e6 + 30 * 1000 / 1e6  # max_tokens 200 + a ~30-token prompt, at $1000/Mtok
+    assert 10 - one_request < spent <= 10  # not stopped at an estimated $1.5 with $0.88 spent
 
 
 async def test_quota_retires_the_teacher_and_fallback_takes_over(tmp_path: Path):

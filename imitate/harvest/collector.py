@@ -7,9 +7,12 @@
 - The producer reads the source lazily and never gets more than a bounded queue ahead of the teachers.
 - A request already in the journal (or answered by a fallback teacher) is skipped: never paid twice.
 - Each row ends as one record (`results.py`), ok or failed with its error class; a failure never fails the run.
-- Every attempt is admitted by the teacher's limiter; its ticket is answered with the attempt's outcome.
-- Quota/auth errors retire a teacher (its rows stay pending for a rerun, or go to a fallback teacher).
+- Every attempt is admitted by the budget (all runs of this output, in-flight attempts reserved) and the
+  teacher's limiter, written to the ledger before it is sent, and its ticket answered with its outcome.
+- Quota/auth/unknown-model/TLS errors, or a teacher down (`health.py`), retire a teacher: its rows stay pending
+  for a rerun, or go to a fallback teacher. Rows that failed for a transient reason are asked again next run.
 - `stop()` stops admitting, waits for in-flight work up to the drain timeout, then cancels; `finally` flushes.
+  A journal that cannot be written (disk full) stops everything at once: no answer is bought that cannot be kept.
 """
 
 from __future__ import annotations
@@ -21,7 +24,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imitate.config import ImitateConfig, Price, TeacherConfig
-from imitate.errors import TEACHER_FATAL, ContentFiltered, NetworkError, RateLimited, ServerError, TeacherError
+from imitate.errors import (
+    TEACHER_FATAL,
+    ConnectFailed,
+    ContentFiltered,
+    NetworkError,
+    RateLimited,
+    ServerError,
+    StorageError,
+    TeacherError,
+)
+from imitate.harvest.health import Health
 from imitate.harvest.journal import Journal
 from imitate.harvest.plan import Budget, Planned, Planner, estimate_cost
 from imitate.harvest.results import Accum, Stats, build_record
@@ -70,6 +83,7 @@ class TeacherRuntime:
     client: Any  # TeacherClient; Any keeps this module free of the openai import chain in type checks
     limiter: RateLimiter
     queue: asyncio.Queue
+    health: Health
     doorbell: _Doorbell = field(default_factory=_Doorbell)
     dead: str | None = None
     sent: int = 0
@@ -101,6 +115,8 @@ class Collector:
         self.policy = RetryPolicy(self.h.retry, rng=rng or random.Random(self.h.seed))
         self.stats = Stats()
         self.stop_reason: str | None = None
+        self.fatal: StorageError | None = None  # the output cannot be written: the run's error
+        self._budget_bell = _Doorbell()  # rung whenever an attempt settles: a refused one may fit now
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._inflight_keys: set[str] = set()
@@ -114,6 +130,7 @@ class Collector:
                 client=clients[t.name],
                 limiter=RateLimiter(rpm=t.rpm, tpm=t.tpm, max_concurrency=t.max_concurrency, clock=clock),
                 queue=asyncio.Queue(maxsize=max(16, 2 * t.max_concurrency)),
+                health=Health(self.h.retry.down_after, self.h.retry.down_after_s, clock),
             )
 
     # ------------------------------------------------------------------------------------------ control
@@ -122,8 +139,20 @@ class Collector:
         if self.stop_reason is None:
             self.stop_reason = reason
         self._stopping.set()
+        self._budget_bell.ring()
         for rt in self.teachers.values():
             rt.doorbell.ring()
+
+    def _fail(self, exc: StorageError) -> None:
+        """The journal cannot be written: stop now, cancelling what is in flight (it stays pending)."""
+        if self.fatal is None:
+            self.fatal = exc
+        self.stop(f"output not writable ({exc.message})")
+        self.h = self.h.model_copy(update={"drain_timeout_s": 0.0})
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
 
     @property
     def stopping(self) -> bool:
@@ -195,10 +224,11 @@ class Collector:
         p.request = alt
         return self.teachers[alt.teacher]
 
-    def _estimate(self, req: Request) -> tuple[int, float]:
-        est = estimate_tokens(req.messages, req.params.max_tokens)
-        prompt = max(0, est - req.params.max_tokens)
-        return est, estimate_cost(self._price(req.model), prompt, req.params.max_tokens)
+    def _estimate(self, req: Request, params=None) -> tuple[int, float]:
+        max_tokens = (params or req.params).max_tokens
+        est = estimate_tokens(req.messages, max_tokens)
+        prompt = max(0, est - max_tokens)
+        return est, estimate_cost(self._price(req.model), prompt, max_tokens)
 
     def _price(self, model: str) -> Price:
         price = self._prices.get(model)
@@ -208,9 +238,6 @@ class Collector:
 
     async def _enqueue(self, rt: TeacherRuntime, p: Planned) -> bool:
         est_tokens, est_usd = self._estimate(p.request)
-        if not self.budget.admit(est_usd, est_tokens):
-            self.stop(self.budget.describe())
-            return False
         self._inflight_keys.add(p.key)
         if not rt.queue.full():  # the common case: no task, no wait, one yield so dispatchers keep pace
             rt.queue.put_nowait((p, est_tokens, est_usd))
@@ -222,18 +249,26 @@ class Collector:
         stop.cancel()
         if not put.done():
             put.cancel()
-            self.budget.release(est_usd, est_tokens)
             self._inflight_keys.discard(p.key)
             return False
         return True
 
     # ------------------------------------------------------------------------------------------ dispatch
 
-    async def _acquire(self, rt: TeacherRuntime, est_tokens: int) -> Ticket | None:
-        """The limiter's ticket for one attempt, or None once stopping or the teacher is retired."""
+    async def _acquire(self, rt: TeacherRuntime, est_tokens: int, est_usd: float) -> Ticket | None:
+        """The limiter's ticket for one attempt with its budget reserved, or None once stopping, the teacher
+        is retired, or the budget is used up (an attempt that does not fit while others are in flight waits
+        for them to settle: they usually cost less than they reserved)."""
         while not (self.stopping or rt.dead):
+            if not self.budget.fits(est_usd, est_tokens):
+                if self.budget.reserved_requests == 0:
+                    self.stop(self.budget.describe())
+                    return None
+                await self._budget_bell.wait(1.0)
+                continue
             wait, ticket = rt.limiter.try_acquire(est_tokens)
             if ticket is not None:
+                self.budget.reserve(est_usd, est_tokens)
                 return ticket
             await rt.doorbell.wait(min(wait, 1.0))
         return None
@@ -263,12 +298,12 @@ class Collector:
             self._holding += 1
             try:
                 p, est_tokens, est_usd = item
-                if (ticket := await self._acquire(rt, est_tokens)) is not None:
+                if (ticket := await self._acquire(rt, est_tokens, est_usd)) is not None:
                     task = asyncio.create_task(self._run_one(rt, p, est_tokens, est_usd, ticket))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                 elif self.stopping:
-                    self._abandon(p, est_tokens, est_usd)
+                    self._abandon(p)
                     self._discard_queue(rt)
                     return
                 else:
@@ -281,7 +316,7 @@ class Collector:
         old_key, old_teacher = p.key, p.request.teacher
         alt = self._live_teacher(p)
         if alt is None or alt.cfg.name == old_teacher:
-            self._abandon(p, est_tokens, est_usd)
+            self._abandon(p)
             return False
         self._inflight_keys.discard(old_key)
         self._inflight_keys.add(p.key)
@@ -292,64 +327,72 @@ class Collector:
             self._holding -= 1
         return True
 
-    def _abandon(self, p: Planned, est_tokens: int, est_usd: float) -> None:
-        self.budget.release(est_usd, est_tokens)
+    def _abandon(self, p: Planned) -> None:
         self._inflight_keys.discard(p.key)
 
     def _discard_queue(self, rt: TeacherRuntime) -> None:
         while not rt.queue.empty():
-            self._abandon(*rt.queue.get_nowait())
+            self._abandon(rt.queue.get_nowait()[0])
 
     # ------------------------------------------------------------------------------------------ one row
 
     async def _run_one(self, rt: TeacherRuntime, p: Planned, est_tokens: int, est_usd: float, ticket: Ticket) -> None:
         """One row (its first attempt admitted with `ticket`) until it is journaled, handed off or abandoned."""
+        try:
+            await self._row(rt, p, (est_tokens, est_usd), ticket)
+        except StorageError as exc:
+            self._fail(exc)
+        finally:
+            self._inflight_keys.discard(p.key)
+
+    async def _row(self, rt: TeacherRuntime, p: Planned, est: tuple[int, float], ticket: Ticket) -> None:
         req = p.request
-        key = p.key
-        self.journal.mark_inflight(key)
         acc = Accum()
         params = req.params
-        handed_off = False
-        try:
-            for reask in range(self.h.retry.reask_truncated + 1):
-                first = ticket if reask == 0 else None  # a re-ask is a new attempt: the limiter admits it
-                try:
-                    reply = await self._chat_with_retries(rt, req, params, est_tokens, acc, first)
-                except _Abandoned:
-                    self.journal.clear_inflight(key)  # stopping or teacher retired: pending for a rerun
+        for reask in range(self.h.retry.reask_truncated + 1):
+            first = ticket if reask == 0 else None  # a re-ask is a new attempt: budget and limiter admit it
+            try:
+                reply = await self._chat_with_retries(rt, p, params, est, acc, first)
+            except _Abandoned:
+                return  # stopping, budget used up or teacher retired: pending for a rerun
+            except TeacherError as exc:
+                if isinstance(exc, TEACHER_FATAL) or (rt.dead and exc.retryable):
+                    if not self.stopping:  # not the row's fault: a fallback or a rerun answers it
+                        await self._reroute(p, *est)
                     return
-                except TeacherError as exc:
-                    if not isinstance(exc, TEACHER_FATAL):
-                        self._record(p, acc, params=p.request.params, error=exc)
-                        return
-                    self.journal.clear_inflight(key)  # not the row's fault: a fallback or a rerun answers it
-                    if not self.stopping:
-                        handed_off = await self._reroute(p, est_tokens, est_usd)
-                    return
-                self._account(rt, req, reply, acc)
-                if reply.finish_reason == "content_filter":
-                    exc = ContentFiltered("the teacher's content filter stopped the answer", status=200)
-                    self._record(p, acc, params=p.request.params, reply=reply, error=exc)
-                    return
-                if reply.finish_reason != "length" or reask == self.h.retry.reask_truncated:
-                    break
-                params = params.model_copy(update={"max_tokens": params.max_tokens * 2})
-            self._record(p, acc, params=params, reply=reply)
-        finally:
-            if not handed_off:
-                self.budget.release(est_usd, est_tokens)
-            self._inflight_keys.discard(key)
+                self._record(p, acc, params=p.request.params, error=exc)
+                return
+            if reply.finish_reason == "content_filter":
+                exc = ContentFiltered("the teacher's content filter stopped the answer", status=200)
+                self._record(p, acc, params=p.request.params, reply=reply, error=exc)
+                return
+            if reply.finish_reason != "length" or reask == self.h.retry.reask_truncated:
+                break
+            params = params.model_copy(update={"max_tokens": params.max_tokens * 2})
+            est = self._estimate(req, params)
+        self._record(p, acc, params=params, reply=reply)
 
     async def _chat_with_retries(
-        self, rt: TeacherRuntime, req: Request, params, est_tokens: int, acc: Accum, ticket: Ticket | None
+        self, rt: TeacherRuntime, p: Planned, params, est: tuple[int, float], acc: Accum, ticket: Ticket | None
     ):
-        """One logical request: tenacity drives attempts by error class; every attempt goes through the limiter
-        (`ticket`: the first, admitted by the dispatcher; None: acquire one) and answers its ticket."""
+        """One logical request: tenacity drives attempts by error class; every attempt is admitted (`ticket`:
+        the first, admitted by the dispatcher; None: acquire one), written to the ledger before it is sent, and
+        settled in the budget, the ledger and the limiter when it ends."""
+        req = p.request
+        est_tokens, est_usd = est
         async for attempt in self.policy.retrying():
             with attempt:
-                if ticket is None and (ticket := await self._acquire(rt, est_tokens)) is None:
+                if ticket is None and (ticket := await self._acquire(rt, est_tokens, est_usd)) is None:
                     raise _Abandoned
                 admitted, ticket = ticket, None  # a ticket admits one attempt
+                if acc.attempts == 0:
+                    self.journal.note_send(p.key)
+                try:
+                    seq = self.journal.ledger.sent(p.key, est_usd, est_tokens)
+                except StorageError:
+                    rt.limiter.on_failure(admitted, overloaded=False)
+                    self.budget.release(est_usd, est_tokens)
+                    raise
                 acc.attempts += 1
                 rt.sent += 1
                 self.stats.requests += 1
@@ -358,20 +401,29 @@ class Collector:
                 try:
                     reply = await rt.client.chat(req.messages, model=req.model, params=params)
                 except TeacherError as exc:
+                    self.journal.ledger.unbilled(seq)
+                    self.budget.settle(est_usd, est_tokens, 0.0, 0)
                     self._on_error(rt, exc, admitted)
                     raise
+                except asyncio.CancelledError:  # may have been answered and billed: count it at its estimate
+                    self.budget.settle(est_usd, est_tokens, est_usd, est_tokens)
+                    raise
                 rt.limiter.on_success(admitted, reply.usage.total_tokens, reply.rate, reply.latency_s)
+                self._account(rt, req, reply, acc, seq, est)
                 return reply
         raise AssertionError("unreachable: tenacity reraises the last error")
 
-    def _account(self, rt: TeacherRuntime, req: Request, reply, acc: Accum) -> None:
+    def _account(self, rt: TeacherRuntime, req: Request, reply, acc: Accum, seq: int, est: tuple[int, float]) -> None:
         used = reply.usage.total_tokens
+        cost = self._price(req.model).cost(reply.usage.prompt_tokens, reply.usage.completion_tokens)
+        self.journal.ledger.billed(seq, cost, used)
         rt.ok += 1
         rt.tokens += used
+        rt.health.ok()
         acc.usage = acc.usage + reply.usage
-        cost = self._price(req.model).cost(reply.usage.prompt_tokens, reply.usage.completion_tokens)
         acc.cost += cost
-        self.budget.spend(cost, used, 1)
+        self.budget.settle(est[1], est[0], cost, used)
+        self._budget_bell.ring()
         rt.doorbell.ring()  # a slot is free and the limiter has news: admit the next row now
 
     def _on_error(self, rt: TeacherRuntime, exc: TeacherError, ticket: Ticket) -> None:
@@ -382,14 +434,17 @@ class Collector:
             rt.limiter.on_rate_limited(ticket, rate)  # the ticket dates it: no latency needed
         else:
             rt.limiter.on_failure(ticket, overloaded=isinstance(exc, ServerError | NetworkError))
-        self.budget.spend(0.0, 0, 1)
         if isinstance(exc, TEACHER_FATAL):
             self._retire(rt, exc)
+        elif isinstance(exc, ServerError | NetworkError) and rt.health.failed(connect=isinstance(exc, ConnectFailed)):
+            self._retire(rt, exc, down=True)
+        self._budget_bell.ring()
         rt.doorbell.ring()
 
-    def _retire(self, rt: TeacherRuntime, exc: TeacherError) -> None:
+    def _retire(self, rt: TeacherRuntime, exc: TeacherError, *, down: bool = False) -> None:
         if rt.dead is None:
-            rt.dead = f"{type(exc).__name__}: {exc.message}"
+            what = f"down after {rt.health.failures} failed attempts in a row, last " if down else ""
+            rt.dead = f"{what}{type(exc).__name__}: {exc.message}"
         if all(r.dead for r in self.teachers.values() if not r.cfg.fallback) and not any(
             r.dead is None for r in self.teachers.values() if r.cfg.fallback
         ):

@@ -6,7 +6,8 @@ Routing rules (all deterministic in the query id, so a resumed run plans the sam
 - Subsets: a teacher with `subset_fraction=f` also gets a copy of the fraction f of queries (Orca: every query to
   teacher A, a 20 % subset also to teacher B).
 - Fallback: a `fallback` teacher takes a main-route request when the routed teacher is out of quota or down.
-- `samples_per_prompt=n` makes n requests per route, told apart by `sample_index` (for rejection sampling).
+- `samples_per_prompt=n` makes n requests per route, told apart by `sample_index` only: all n share the query's
+  system message, so rejection sampling compares answers to the same prompt.
 """
 
 from __future__ import annotations
@@ -123,8 +124,15 @@ class Planner:
 
 
 class Budget:
-    """Spend limits that are never crossed by estimate: a request is admitted only if what is spent, what is
-    reserved by requests in flight and its own upper-bound estimate all fit. Pure; the collector drives it."""
+    """Spend limits that are never crossed: an attempt is admitted only if what the teacher may already have
+    billed (every run of this output, from the ledger), what the attempts in flight reserve and its own
+    upper-bound estimate all fit. Every attempt counts, retries included. Pure; the collector drives it:
+
+        if budget.fits(est_usd, est_tokens): budget.reserve(...)  ...send...  budget.settle(est..., actual...)
+
+    When an attempt does not fit while others are in flight, the caller waits for them to settle (their actual
+    cost is usually below the reservation) and asks again; it stops only when the attempt does not fit with
+    nothing in flight, so the budget is used to within one request's estimate."""
 
     def __init__(self, cfg: BudgetConfig, *, spent_usd: float = 0.0, tokens: int = 0, requests: int = 0):
         self.cfg = cfg
@@ -136,7 +144,7 @@ class Budget:
         self.reserved_requests = 0
         self.exhausted: str | None = None
 
-    def admit(self, est_usd: float, est_tokens: int, est_requests: int = 1) -> bool:
+    def fits(self, est_usd: float, est_tokens: int, est_requests: int = 1) -> bool:
         c = self.cfg
         checks = (
             ("max_usd", c.max_usd, self.spent_usd + self.reserved_usd + est_usd),
@@ -144,15 +152,25 @@ class Budget:
             ("max_requests", c.max_requests, self.requests + self.reserved_requests + est_requests),
         )
         for name, limit, would_be in checks:
-            if limit is not None and would_be > limit:
+            if limit is not None and would_be > limit * (1 + 1e-12):
                 self.exhausted = name
                 return False
+        return True
+
+    def reserve(self, est_usd: float, est_tokens: int, est_requests: int = 1) -> None:
         self.reserved_usd += est_usd
         self.reserved_tokens += est_tokens
         self.reserved_requests += est_requests
+
+    def admit(self, est_usd: float, est_tokens: int, est_requests: int = 1) -> bool:
+        """`fits` then `reserve` (batch mode, which reserves a whole file of requests up front)."""
+        if not self.fits(est_usd, est_tokens, est_requests):
+            return False
+        self.reserve(est_usd, est_tokens, est_requests)
         return True
 
     def release(self, est_usd: float, est_tokens: int, est_requests: int = 1) -> None:
+        """A reservation whose request was never sent."""
         self.reserved_usd = max(0.0, self.reserved_usd - est_usd)
         self.reserved_tokens = max(0, self.reserved_tokens - est_tokens)
         self.reserved_requests = max(0, self.reserved_requests - est_requests)
@@ -161,6 +179,11 @@ class Budget:
         self.spent_usd += usd
         self.tokens += tokens
         self.requests += requests
+
+    def settle(self, est_usd: float, est_tokens: int, usd: float, tokens: int) -> None:
+        """A sent attempt ended: its reservation becomes what it really used (one request, billed or not)."""
+        self.release(est_usd, est_tokens)
+        self.spend(usd, tokens, 1)
 
     def describe(self) -> str:
         c = self.cfg

@@ -1,7 +1,7 @@
 """Running a harvest end to end: set-up, the collector under signal handling, the manifest, status, dry run.
 
 imitate harvest data/samples/queries.jsonl --out data/runs/demo --base-url http://127.0.0.1:8089/v1
-imitate harvest status data/runs/demo
+imitate status data/runs/demo
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from imitate import __version__
 from imitate.config import ImitateConfig, redacted, resolve_api_key, stamp
-from imitate.errors import BudgetExhausted, ImitateError, InputError, Interrupted, TeacherError
+from imitate.errors import BudgetExhausted, ImitateError, InputError, Interrupted, StorageError, TeacherError
 from imitate.harvest.collector import Collector
 from imitate.harvest.journal import MANIFEST, Journal, write_json_atomic
 from imitate.harvest.plan import Budget, Planner, estimate_cost
@@ -48,8 +48,33 @@ def _clients(cfg: ImitateConfig) -> dict[str, Any]:
             timeout=t.timeout_s,
             max_connections=max(64, t.max_concurrency * 2),
             transport=t.transport,
+            ca_bundle=t.ca_bundle,
+            max_response_bytes=t.max_response_bytes,
         )
         for t in cfg.harvest.teachers
+    }
+
+
+def manifest_totals(journal: Journal) -> dict[str, Any]:
+    """The `totals` block of a manifest (online and batch runs alike): what every run of this output did."""
+    totals = journal.totals()
+    planned = journal.get_meta("planned")
+    pending = None
+    if planned is not None:  # rows that failed transiently are asked again: they are pending
+        pending = max(0, int(planned) - totals.ok - totals.failed)
+    spent = journal.ledger.spent
+    return {
+        "ok": totals.ok,
+        "failed": totals.failed,
+        "retry_next_run": totals.retry,
+        "failed_by_class": totals.failed_by_class,
+        "tokens": totals.tokens,
+        "spend_usd": round(totals.cost_usd, 8),
+        "attempts": totals.attempts,
+        "pending": pending,
+        "planned": int(planned) if planned is not None else None,
+        # what the teacher may have billed, every attempt of every run (the budget counts these)
+        "billable": {"requests": spent.requests, "usd_upper_bound": round(spent.usd, 8), "tokens": spent.tokens},
     }
 
 
@@ -65,13 +90,8 @@ def _manifest(
     source: Any,
 ) -> dict[str, Any]:
     s = col.stats
-    totals = journal.totals()
-    planned = journal.get_meta("planned")
-    finished_run = s.ok + s.failed
-    pending = None
-    if planned is not None:
-        pending = max(0, int(planned) - s.skipped_done - finished_run)
-    complete = s.source_exhausted and col.stop_reason is None and pending == 0
+    totals = manifest_totals(journal)
+    complete = s.source_exhausted and col.stop_reason is None and totals["pending"] == 0
     return {
         "imitate_version": __version__,
         "command": command,
@@ -82,16 +102,7 @@ def _manifest(
         "started_at": round(started_at, 3),
         "finished_at": round(time.time(), 3),
         "elapsed_s": round(time.monotonic() - s.started, 3),
-        "totals": {
-            "ok": totals.ok,
-            "failed": totals.failed,
-            "failed_by_class": totals.failed_by_class,
-            "tokens": totals.tokens,
-            "spend_usd": round(totals.cost_usd, 8),
-            "attempts": totals.attempts,
-            "pending": pending,
-            "planned": int(planned) if planned is not None else None,
-        },
+        "totals": totals,
         "this_run": {
             "ok": s.ok,
             "failed": s.failed,
@@ -104,6 +115,8 @@ def _manifest(
             "spend_usd": round(s.spend_usd, 8),
             "resent_after_crash": journal.resent_after_crash,
             "recovered_rows": journal.recovered_rows,
+            "dropped_damaged_rows": journal.dropped_rows,
+            "index_rebuilt": journal.rebuilt,
             "skipped_bad_input_rows": getattr(source, "skipped", 0),
         },
         "teachers": {
@@ -120,7 +133,15 @@ def _manifest(
     }
 
 
-def _final_error(col: Collector, manifest: dict[str, Any]) -> ImitateError | None:
+def _final_error(col: Collector, manifest: dict[str, Any], input_path: str, source: Any) -> ImitateError | None:
+    if col.fatal is not None:
+        return col.fatal
+    if col.stats.source_exhausted and col.stats.planned == 0:
+        skipped = getattr(source, "skipped", 0)
+        if skipped:
+            return InputError(f"{input_path}: every row was skipped as malformed ({skipped} rows)",
+                              hint="fix the rows or the source.fields mapping")  # fmt: skip
+        return InputError(f"{input_path}: no rows to harvest", hint="the input is empty (or --limit is 0)")
     if manifest["status"] == "complete":
         return None
     reason = col.stop_reason or "not every planned row finished"
@@ -133,6 +154,10 @@ def _final_error(col: Collector, manifest: dict[str, Any]) -> ImitateError | Non
         return TeacherError(reason, hint=hint)
     if not col.stats.source_exhausted:
         return Interrupted(reason, hint=hint)
+    retry = manifest["totals"]["retry_next_run"]
+    if retry:
+        return TeacherError(f"{retry} rows failed for a transient reason (see failures.jsonl)",
+                            hint="rerun the same command to ask for them again")  # fmt: skip
     return None
 
 
@@ -154,8 +179,8 @@ async def harvest(
     started_at = time.time()
     journal = Journal(out_dir, shard_rows=h.shard_rows, fsync_every=h.fsync_every)
     stamp(cfg, out_dir, command)
-    totals = journal.totals()
-    budget = Budget(h.budget, spent_usd=totals.cost_usd, tokens=totals.tokens, requests=totals.attempts)
+    spent = journal.ledger.spent  # every attempt of every earlier run, crashed ones at their estimate
+    budget = Budget(h.budget, spent_usd=spent.usd, tokens=spent.tokens, requests=spent.requests)
     col = Collector(cfg, source, planner, journal, clients, budget=budget)
     view = Progress(progress, col, getattr(source, "count_hint", lambda: None)())
     loop = asyncio.get_running_loop()
@@ -166,27 +191,24 @@ async def harvest(
         await col.run()
         if col.stats.source_exhausted and col.stop_reason is None:
             journal.set_meta("planned", str(col.stats.planned))
+    except StorageError as exc:
+        col.fatal = col.fatal or exc
     finally:
         ticker.cancel()
         view.stop()
         for sig in signals:
             loop.remove_signal_handler(sig)
-        manifest = _manifest(
-            cfg,
-            col,
-            journal,
-            command=command,
-            source_name=input_path,
-            out_dir=out_dir,
-            started_at=started_at,
-            source=source,
-        )
-        write_json_atomic(out_dir / MANIFEST, manifest)
-        journal.close()
+        manifest = _manifest(cfg, col, journal, command=command, source_name=input_path, out_dir=out_dir,
+                             started_at=started_at, source=source)  # fmt: skip
+        for step in (lambda: write_json_atomic(out_dir / MANIFEST, manifest), journal.close):
+            try:
+                step()
+            except StorageError as exc:  # a full disk: the journal stays valid, the manifest is rewritten next run
+                col.fatal = col.fatal or exc
         if own_clients:
             for c in clients.values():
                 await c.aclose()
-    return Outcome(manifest, _final_error(col, manifest))
+    return Outcome(manifest, _final_error(col, manifest, input_path, source))
 
 
 async def _tick(view: Progress, col: Collector, journal: Journal, out_dir: Path) -> None:
@@ -223,6 +245,7 @@ def _install_signals(loop: asyncio.AbstractEventLoop, col: Collector) -> list[in
 
 
 def status(out_dir: Path) -> dict[str, Any]:
+    """`imitate status DIR`: the journal's totals and the last manifest's status, as a dict (read-only)."""
     if not out_dir.is_dir():
         raise InputError(f"{out_dir}: no such directory", hint="pass the --out directory of a harvest")
     journal = Journal(out_dir, readonly=True)
@@ -235,7 +258,10 @@ def status(out_dir: Path) -> dict[str, Any]:
     if (out_dir / MANIFEST).exists():
         import json
 
-        manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # the journal's counts above still stand; the manifest is rewritten next run
+            manifest = {"status": f"unknown ({MANIFEST} unreadable)"}
     finished = totals.ok + totals.failed
     return {
         "out": str(out_dir),
