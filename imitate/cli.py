@@ -3,23 +3,25 @@
     imitate --help
     imitate config show [--config FILE] [--set k=v]
     imitate fake-teacher --port 8089 [--rpm N --tpm N --faults 500=0.02,reset=0.01]
-    imitate harvest INPUT --out DIR [...]      |   imitate harvest status DIR
+    imitate harvest INPUT --out DIR [...]      |   imitate status DIR
     imitate train DATA --out DIR [...]         |   imitate merge ... | imitate chat ...
 
-Any ImitateError becomes one line on stderr and its exit code; `--debug` shows the traceback instead.
+Exit codes: an ImitateError is one line on stderr and its own code (`--debug` adds the traceback, same code); a
+usage error prints click's usage line and exits 2; Ctrl-C at any moment exits 130 with a message (the console
+script's entry, `imitate/__main__.py`, covers the imports before this module is loaded).
 Heavy modules (torch, openai) are imported inside the commands that need them, never at import time.
 """
 
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 
-import click
 import typer
 
 from imitate import __version__
-from imitate.errors import ImitateError
+from imitate.errors import ImitateError, Interrupted
 
 app = typer.Typer(
     name="imitate",
@@ -31,7 +33,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-_state = {"debug": False}
+_state: dict = {"debug": False, "argv": []}
 
 
 def _version(value: bool) -> None:
@@ -116,10 +118,8 @@ def _flag_overrides(**flags: object) -> list[str]:
 @app.command("harvest")
 def harvest_cmd(
     input: str = typer.Argument(
-        ...,
-        help="JSONL/CSV/Parquet file, saved datasets folder or Hub name; or 'status' followed by an output directory.",
+        ..., metavar="INPUT", help="JSONL/CSV/Parquet file, saved datasets folder or Hub name (owner/name)."
     ),
-    status_dir: Path | None = typer.Argument(None, help="With 'status': the harvest output directory."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (shards, journal, manifest)."),
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
@@ -145,17 +145,10 @@ def harvest_cmd(
     import asyncio
     import json
 
-    from imitate.config import load_config, to_yaml
+    from imitate.config import load_config, redact_command, to_yaml
     from imitate.errors import InputError
     from imitate.harvest import run as harvest_run
 
-    if input == "status":
-        if status_dir is None:
-            raise InputError("usage: imitate harvest status DIR")
-        typer.echo(json.dumps(harvest_run.status(status_dir), indent=2))
-        return
-    if status_dir is not None:
-        raise InputError(f"unexpected extra argument {str(status_dir)!r}", hint="one INPUT per harvest")
     overrides = (set_ or []) + _flag_overrides(
         base_url=base_url,
         model=model,
@@ -176,7 +169,8 @@ def harvest_cmd(
         return
     if out is None:
         raise InputError("--out DIR is required", hint="imitate harvest INPUT --out data/runs/NAME")
-    command = "imitate " + " ".join(sys.argv[1:]) if sys.argv[1:] else "imitate harvest"
+    _check_writable(out)
+    command = redact_command(cfg, _state["argv"] or ["harvest"])
     progress = "quiet" if quiet else "json" if json_log else ("live" if sys.stderr.isatty() else "quiet")
     if not quiet:
         typer.echo(to_yaml(cfg, command), err=True)
@@ -195,6 +189,35 @@ def harvest_cmd(
     )
     if outcome.error is not None:
         raise outcome.error
+
+
+def _check_writable(out: Path) -> None:
+    """A bad --out fails here, before a teacher is asked anything, rather than as a traceback mid-run."""
+    import tempfile
+
+    from imitate.errors import InputError
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory", hint="choose a directory for the output")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # Creating a file is the one check that ACLs, read-only mounts and root all answer truthfully.
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"--out {out}: cannot write there ({exc.strerror})", hint="choose a writable directory"
+        ) from exc
+
+
+@app.command("status")
+def status_cmd(out: Path = typer.Argument(..., metavar="DIR", help="The --out directory of a harvest.")) -> None:
+    """How far a harvest got: done, failed, pending, spend and the last run's stop reason, as JSON."""
+    import json
+
+    from imitate.harvest.run import status
+
+    typer.echo(json.dumps(status(out), indent=2))
 
 
 @app.command("train")
@@ -240,26 +263,45 @@ def chat_cmd(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script. Returns (and exits with) the process exit code."""
+    """Run the CLI and return the process exit code (never raises for an error meant for the user)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _state["debug"] = "--debug" in argv
+    _state["argv"] = argv
     try:
-        app(args=argv, prog_name="imitate", standalone_mode=False)
-        code = 0
+        # With standalone_mode=False typer *returns* the code of typer.Exit / ctx.exit, and turns a Ctrl-C inside
+        # a command into Exit(130) without a word: both only come back here as a number.
+        code = app(args=argv, prog_name="imitate", standalone_mode=False)
     except ImitateError as exc:
+        from imitate.config import redact_text
+
         if _state["debug"]:
-            raise
-        typer.echo(f"error: {exc.one_line()}", err=True)
-        code = exc.exit_code
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        code = exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        typer.echo("interrupted", err=True)
-        code = 130
-    return code
+            traceback.print_exc()
+        typer.echo(f"error: {redact_text(exc.one_line())}", err=True)  # URL credentials in a message stay hidden
+        return exc.exit_code
+    except typer.TyperException as exc:
+        # typer >= 0.29 vendors click: its usage errors derive from TyperException, not click.ClickException.
+        # `show()` prints the usage line, a --help hint and the error, as click does.
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            typer.echo(f"Error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 1
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            traceback.print_exc()
+        return interrupted()
+    if code == Interrupted.exit_code:
+        return interrupted()
+    return code if isinstance(code, int) else 0
+
+
+def interrupted() -> int:
+    """Ctrl-C outside a harvest's own signal handling (start-up, parsing, `imitate train`, ...)."""
+    sys.stderr.write("interrupted (Ctrl-C)\n")
+    return Interrupted.exit_code
 
 
 def run() -> None:

@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imitate.errors import ConfigError
 from imitate.records import GenerationParams
 
 REDACTED = "***"
 _SECRET_KEY = re.compile(r"(api_?key|secret|password|passwd|token|authorization)$", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+# Userinfo runs to the *last* @ before the path (`user:p@ss@host`), as URL parsers read it; stopping at the first
+# @ would leave the rest of such a password in the text.
+_URL_USERINFO = re.compile(r"(?<=://)[^/?#\s]*@")
+# `--set harvest.teachers.0.api_key=sk-...` in a command line: the value of a secret-looking dotted key.
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?<![\w.-])([\w.-]*?(?:api_?key|secret|password|passwd|token|authorization))=(\S+)", re.IGNORECASE
+)
 
 
 class _Cfg(BaseModel):
@@ -39,9 +47,27 @@ class Price(_Cfg):
         return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
 
 
+def check_base_url(url: str) -> str:
+    """An http(s) URL with a host and a port in range, checked when the config loads: a typo in it is one
+    ConfigError before any work, not a traceback (or a per-row failure) from the HTTP client later."""
+    shown = redact_url(url)  # the message is printed: credentials in the URL must not be
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # parsing the port is what rejects 99999 and non-numbers
+    except ValueError as exc:
+        raise ValueError(f"{shown!r} is not a valid URL ({exc})") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"{shown!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"{shown!r} has no host")
+    if port == 0:
+        raise ValueError(f"{shown!r}: port 0 cannot be connected to")
+    return url
+
+
 class TeacherConfig(_Cfg):
     name: str = "default"
-    base_url: str = "http://127.0.0.1:8089/v1"
+    base_url: Annotated[str, AfterValidator(check_base_url)] = "http://127.0.0.1:8089/v1"
     model: str = "fake-teacher"
     api_key_env: str | None = Field(
         None, description="name of the environment variable holding the API key (never the key itself)"
@@ -199,7 +225,7 @@ def _format_validation(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"]) or "(root)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # our validators' messages read better without it
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
             if path.split(".")[-1] in {"api_key", "key", "openai_api_key"}:
@@ -244,6 +270,20 @@ def _known_secrets(cfg: ImitateConfig) -> list[str]:
     return [s for s in out if len(s) >= 4]
 
 
+def redact_url(url: str) -> str:
+    """`http://user:KEY@host/v1` -> `http://***@host/v1`: user and password both go (either may be the key)."""
+    return _URL_USERINFO.sub(REDACTED + "@", url)
+
+
+def redact_text(text: str, secrets: list[str] | None = None) -> str:
+    """Free text (a command line, a message): URL credentials, `secret.key=value` assignments and any known
+    secret value masked."""
+    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m.group(1)}={REDACTED}", redact_url(text))
+    for s in secrets or []:
+        text = text.replace(s, REDACTED)
+    return text
+
+
 def redact(obj: Any, secrets: list[str] | None = None) -> Any:
     """Mask secret-looking keys, URL credentials and any known secret value, recursively."""
     secrets = secrets or []
@@ -255,10 +295,7 @@ def redact(obj: Any, secrets: list[str] | None = None) -> Any:
     if isinstance(obj, list | tuple):
         return [redact(v, secrets) for v in obj]
     if isinstance(obj, str):
-        text = _URL_USERINFO.sub(REDACTED + "@", obj)
-        for s in secrets:
-            text = text.replace(s, REDACTED)
-        return text
+        return redact_text(obj, secrets)
     return obj
 
 
@@ -266,8 +303,13 @@ def redacted(cfg: ImitateConfig) -> dict[str, Any]:
     return redact(cfg.model_dump(mode="json"), _known_secrets(cfg))
 
 
+def redact_command(cfg: ImitateConfig, argv: list[str]) -> str:
+    """The command line as stamped into configs and manifests: re-runnable (shell-quoted), secrets masked."""
+    return redact_text(shlex.join(["imitate", *argv]), _known_secrets(cfg))
+
+
 def to_yaml(cfg: ImitateConfig, command: str | None = None) -> str:
-    head = f"# {command}\n" if command else ""
+    head = f"# {redact_text(command, _known_secrets(cfg))}\n" if command else ""
     return head + yaml.safe_dump(redacted(cfg), sort_keys=False, allow_unicode=True)
 
 

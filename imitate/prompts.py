@@ -10,8 +10,10 @@ ids) and reports every problem at once as one `ConfigError`. The folder is the r
 `SystemMessageSampler.sample(query)` returns `(prompt_id, sha256, text)`:
 - a query's own `system` wins: `("row", sha256(system), system or None)`;
 - preset `none`: `(None, None, None)`;
-- otherwise a message drawn by weight with a draw derived only from `(seed, query.id, sample_index)`, so the
-  choice does not depend on order or concurrency and a resumed run rebuilds the same request key.
+- otherwise a message drawn by weight with a draw derived only from `(seed, query.id)`, so the choice does not
+  depend on order or concurrency and a resumed run rebuilds the same request key.
+With `samples_per_prompt > 1` every sample of a query gets this one message: rejection sampling compares the n
+answers to the same prompt, so only the teacher's sampling may differ between them, not the instructions.
 An empty message (id 1) comes back as `("1", sha256(""), None)`: recorded, but no system turn is sent.
 """
 
@@ -251,10 +253,12 @@ class SystemMessageSampler:
         """The weights-preset used for a collection (routing presets pick one; others are themselves)."""
         return self._routes.get((collection or "").strip().lower(), self._default)
 
-    def sample(self, query: Query, sample_index: int = 0) -> Choice:
+    def sample(self, query: Query) -> Choice:
         if query.system is not None:
             return ROW_PROMPT_ID, sha256_text(query.system), query.system or None
-        pid = self._tables[self.table_for(query.collection)].pick(_unit("system", self.seed, query.id, sample_index))
+        # The trailing 0 was a per-sample index that was never varied; kept so earlier harvests draw the same
+        # messages, and so build the same request keys on resume.
+        pid = self._tables[self.table_for(query.collection)].pick(_unit("system", self.seed, query.id, 0))
         if pid is None:
             return None, None, None
         p = self.library.prompts[pid]

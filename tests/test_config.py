@@ -5,7 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from imitate.config import load_config, redact, resolve_api_key, stamp, to_yaml
+from imitate.config import (
+    load_config,
+    redact,
+    redact_command,
+    redact_text,
+    redact_url,
+    resolve_api_key,
+    stamp,
+    to_yaml,
+)
 from imitate.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +96,62 @@ def test_secrets_never_printed_or_written(monkeypatch, tmp_path: Path):
         "nested": [{"token": "***"}],
         "ok": "x",
     }
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("ftp://host/v1", "must start with http:// or https://"),
+        ("127.0.0.1:8089/v1", "must start with http:// or https://"),
+        ("api.openai.com/v1", "must start with http:// or https://"),
+        ("http://127.0.0.1:99999/v1", "Port out of range"),
+        ("http://host:abc/v1", "not a valid URL"),
+        ("http://host:0/v1", "port 0"),
+        ("http://[::1/v1", "Invalid IPv6 URL"),
+        ("http:///v1", "has no host"),
+        ("http://user:sk-URL-SECRET-1234@[::1/v1", "Invalid IPv6 URL"),
+    ],
+)
+def test_bad_base_url_is_one_config_error(url: str, why: str):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"harvest.teachers.0.base_url={url}"])
+    line = e.value.one_line()
+    assert "harvest.teachers.0.base_url:" in line and why in line and "\n" not in line
+    assert "sk-URL-SECRET" not in line
+
+
+@pytest.mark.parametrize(
+    "url", ["https://api.openai.com/v1", "http://[::1]:8089/v1", "HTTP://Example.com/v1", "http://u:p@h:1/v1"]
+)
+def test_good_base_urls_load(url: str):
+    assert load_config(None, [f"harvest.teachers.0.base_url={url}"]).harvest.teachers[0].base_url == url
+
+
+def test_url_credentials_are_redacted_user_and_password():
+    assert redact_url("http://user:sk-KEY@host:8/v1") == "http://***@host:8/v1"
+    assert redact_url("https://sk-KEY@host/v1") == "https://***@host/v1"
+    assert redact_url("http://u:p@ss@host/v1?x=a@b") == "http://***@host/v1?x=a@b"  # the last @ ends userinfo
+    assert redact_url("http://host/v1") == "http://host/v1"
+    cfg = load_config(None, ["harvest.teachers.0.base_url=http://alice:sk-URL-ONLY-9876@api.example.com/v1"])
+    text = to_yaml(cfg, "imitate harvest x --base-url http://alice:sk-URL-ONLY-9876@api.example.com/v1")
+    assert "sk-URL-ONLY-9876" not in text and "alice" not in text
+    assert "http://***@api.example.com/v1" in text
+
+
+def test_command_lines_are_redacted(monkeypatch):
+    monkeypatch.setenv("MY_KEY", "sk-env-key-5555")
+    cfg = load_config(None, ["harvest.teachers.0.api_key_env=MY_KEY"])
+    argv = [
+        "harvest", "q.jsonl", "--base-url", "http://u:sk-in-url-1111@h/v1",
+        "--set", "harvest.teachers.0.api_key=sk-set-2222", "--set=prices.x.secret=s3cr3t",
+        "--set", "harvest.budget.max_tokens=5", "--model", "sk-env-key-5555",
+    ]  # fmt: skip
+    command = redact_command(cfg, argv)
+    for secret in ("sk-in-url-1111", "sk-set-2222", "s3cr3t", "sk-env-key-5555"):
+        assert secret not in command
+    assert command.startswith("imitate harvest q.jsonl --base-url http://***@h/v1 ")
+    assert "harvest.teachers.0.api_key=***" in command and "harvest.budget.max_tokens=5" in command
+    assert redact_text("token=abc password=hunter2 max_tokens=7") == "token=*** password=*** max_tokens=7"
 
 
 def test_every_shipped_yaml_config_loads():

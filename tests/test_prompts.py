@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from imitate.config import HarvestConfig
 from imitate.errors import ConfigError
+from imitate.harvest.plan import Planner
 from imitate.prompts import PROMPTS_DIR_ENV, SystemMessageSampler, default_prompts_dir, load_library
 from imitate.records import Query, sha256_text
 
@@ -108,7 +111,11 @@ def test_sampling_is_deterministic_per_query_and_order_free(lib):
     assert {i: b.sample(q(i)) for i in reversed(ids)} == first
     other = SystemMessageSampler(lib, "orca-niv2", seed=8)
     assert [other.sample(q(i)) for i in ids] != list(first.values())
-    assert a.sample(q("q1"), sample_index=0) == first["q1"]
+    # Pinned draws: a change here changes request keys, and a resumed harvest would buy its answers again.
+    orca = SystemMessageSampler(lib, "orca", seed=7)
+    assert [orca.sample(q(f"q{i}"))[0] for i in range(12)] == [
+        "11", "16", "16", "11", "11", "16", "16", "6", "11", "6", "16", "16"
+    ]  # fmt: skip
 
 
 def test_row_system_wins_and_empty_means_no_turn(lib):
@@ -156,3 +163,19 @@ def test_every_prompt_file_is_named_after_its_id(lib):
     names = sorted(p.name for p in (default_prompts_dir() / "system").glob("*.yaml"))
     assert names == [f"orca-{i:02d}.yaml" for i in sorted(lib.prompts)]
     assert Path(default_prompts_dir()).name == "prompts"
+
+
+def test_every_sample_of_a_query_gets_the_same_system_message(lib):
+    """Rejection sampling compares the n answers to one prompt: the n requests differ only in sample_index (the
+    sampler has no per-sample draw that a caller could vary by mistake)."""
+    assert list(inspect.signature(SystemMessageSampler.sample).parameters) == ["self", "query"]
+    sampler = SystemMessageSampler(lib, "orca", seed=3)
+    planner = Planner(HarvestConfig(samples_per_prompt=4), sampler.sample)
+    chosen = set()
+    for i in range(100):
+        requests = [p.request for p in planner.plan(q(i, collection="niv2"))]
+        assert [r.sample_index for r in requests] == [0, 1, 2, 3]
+        assert len({(r.system_prompt_id, r.system_prompt_sha256, r.messages[0].content) for r in requests}) == 1
+        assert len({r.key() for r in requests}) == 4
+        chosen.add(requests[0].system_prompt_id)
+    assert len(chosen) > 3  # queries still get different messages from each other

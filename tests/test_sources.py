@@ -182,6 +182,37 @@ def test_format_detection(tmp_path):
         open_source(str(tmp_path / "x.txt"))
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "./questions",
+        "../data/questions",
+        "data/runs/questions",
+        "owner/questions.txt",
+        "owner/questions.jsonl.zst",
+        "questions.csv",
+        "~/imitate-no-such-questions",
+        "C:\\data\\questions",
+        "/no/such/questions",
+    ],
+)
+def test_a_missing_path_is_an_input_error_not_a_hub_lookup(name: str):
+    with pytest.raises(InputError, match="no such file or folder") as err:
+        open_source(name)
+    assert "Hub" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["tatsu-lab/alpaca", "teknium/OpenHermes-2.5", "Open-Orca/SlimOrca-Dedup"])
+def test_hub_names_stay_hub_names(name: str):
+    assert detect_format(name, SourceConfig()) == "hub"
+
+
+def test_a_tilde_path_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jsonl(tmp_path / "q.jsonl", ROWS)
+    assert [q.id for q in open_source("~/q.jsonl")] == ["a", "b"]
+
+
 @pytest.mark.integration
 def test_hub_path_streams_with_load_dataset(tmp_path):
     # load_dataset(..., streaming=True) on a local data folder: the Hub code path without any network.

@@ -336,10 +336,11 @@ def test_a_checkpoint_older_than_a_new_setting_resumes_when_the_setting_is_at_it
 
 
 def test_peft_model_keeps_pefts_deprecation_noise_out_of_user_output():
-    """peft 0.21 + transformers 5 warn through get_peft_model; `peft_model` (recipe and merge) must not."""
+    """peft 0.21 + transformers 5 warn through get_peft_model; `peft_model` (recipe and merge) must not. (Whether
+    peft itself still warns is not ours to pin: a peft that stops warning must not fail this test.)"""
     import warnings
 
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from train_fixtures import tiny_llama
 
     from imitate.train.model import peft_model
@@ -350,5 +351,4 @@ def test_peft_model_keeps_pefts_deprecation_noise_out_of_user_output():
             wrap(tiny_llama(seed=1), LoraConfig(r=2, target_modules="all-linear"))
         return [str(w.message) for w in seen if issubclass(w.category, FutureWarning)]
 
-    assert any("is_gradient_checkpointing" in m for m in future_warnings(get_peft_model))  # the noise exists
     assert not any("is_gradient_checkpointing" in m for m in future_warnings(peft_model))

@@ -29,7 +29,7 @@ imitate harvest data/samples/queries.jsonl --out "$OUT" --config data/samples/de
   --base-url "http://127.0.0.1:$PORT/v1" --quiet
 
 echo "== 4. status"
-imitate harvest status "$OUT"
+imitate status "$OUT"
 
 echo "== 5. three harvested records"
 python - "$OUT" <<'PY'

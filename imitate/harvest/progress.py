@@ -1,4 +1,8 @@
-"""What a running harvest shows: a rich live view, JSON log lines (`--json-log`), or nothing (`--quiet`)."""
+"""What a running harvest shows: a rich live view, JSON log lines (`--json-log`), or nothing (`--quiet`).
+
+Both pass through `redact_text`: a teacher name or limiter detail that carries a URL must not show its
+credentials on a terminal or in a CI log.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from imitate.config import redact_text
 
 
 def snapshot(collector: Any, total_hint: int | None) -> dict[str, Any]:
@@ -56,7 +62,7 @@ def _table(data: dict[str, Any]) -> Table:
         util_txt = f"{util * 100:.0f}% of limit" if isinstance(util, int | float) else "limit unknown"
         state = f"DOWN ({snap['dead']})" if snap.get("dead") else util_txt
         t.add_row(
-            f"teacher {name}",
+            redact_text(f"teacher {name}"),
             f"{snap['ok']} ok · conc {snap.get('concurrency_limit', '?')} · in flight "
             f"{snap.get('in_flight', '?')} · {state}",
         )
@@ -85,7 +91,7 @@ class Progress:
         if self.mode == "live" and self._live:
             self._live.update(_table(self.data()))
         elif self.mode == "json":
-            sys.stderr.write(json.dumps({"event": "progress", **self.data()}) + "\n")
+            sys.stderr.write(redact_text(json.dumps({"event": "progress", **self.data()})) + "\n")
             sys.stderr.flush()
 
     def stop(self) -> None:

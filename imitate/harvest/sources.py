@@ -5,7 +5,9 @@ Hub dataset, with one field mapping (`SourceConfig.fields`) and one bad-row poli
     for query in src: ...          # src.skipped / src.duplicates / src.bad_examples after (or during) the loop
 
 Formats (auto-detected from the suffix, `.gz` allowed for JSONL/CSV; a folder is a saved `datasets` folder;
-anything that is not a path and looks like `owner/name` is a Hub dataset): nothing is ever loaded whole —
+a missing `owner/name` is a Hub dataset, but a missing name that can only be a path — a data-file suffix, a
+leading `.`, `~` or `/`, more than one `/` — is an InputError at once, not a Hub lookup that takes seconds
+and then blames the network; `~` is expanded): nothing is ever loaded whole —
 JSONL/CSV are read line by line, Parquet record batch by record batch, `load_from_disk` memory-maps and the
 Hub is read with `streaming=True`. `datasets` is imported only when one of its formats is used.
 
@@ -45,6 +47,7 @@ MAX_BAD_EXAMPLES = 5
 _HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv"}
 _SUFFIX_FORMAT |= {".parquet": "parquet", ".pq": "parquet"}
+_FILE_SUFFIXES = {*_SUFFIX_FORMAT, ".gz", ".txt", ".arrow", ".zip", ".bz2", ".xz", ".zst", ".xlsx"}
 _SHAREGPT_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -66,15 +69,29 @@ def detect_format(path_or_name: str, cfg: SourceConfig) -> str:
         return fmt
     if p.exists():
         raise InputError(f"{p}: cannot tell the format from the name", hint="set source.format")
+    if looks_local(path_or_name):
+        raise InputError(f"{path_or_name}: no such file or folder")
     if _HUB_NAME.match(path_or_name) and "/" in path_or_name:
         return "hub"
     raise InputError(f"{path_or_name}: no such file, and not a Hub dataset name (owner/name)")
 
 
+def looks_local(name: str) -> bool:
+    """A name only a local path can have: Hub names are `owner/name` of letters, digits and `-_.` (a version
+    like `OpenHermes-2.5` is fine), never with a data-file suffix, a leading `.`/`~`/`/`, a second `/` or `\\`."""
+    return (
+        name.startswith((".", "~", "/"))
+        or "\\" in name
+        or name.count("/") > 1
+        or Path(name).suffix.lower() in _FILE_SUFFIXES
+    )
+
+
 def open_source(path_or_name: str, cfg: SourceConfig | None = None) -> QuerySource:
     """Check the input exists and pick its format; nothing is read until iteration."""
     cfg = cfg or SourceConfig()
-    fmt = detect_format(str(path_or_name), cfg)
+    path_or_name = os.path.expanduser(str(path_or_name))  # a quoted '~/q.jsonl' is not expanded by the shell
+    fmt = detect_format(path_or_name, cfg)
     if fmt != "hub" and not Path(path_or_name).exists():
         raise InputError(f"{path_or_name}: no such file or folder")
     return QuerySource(str(path_or_name), cfg, fmt)
