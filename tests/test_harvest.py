@@ -2,12 +2,14 @@
 record, resume never pays twice, budgets stop the run, several teachers route and fall back, batch mode."""
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import pytest
 
 from imitate.config import load_config
-from imitate.errors import BudgetExhausted, TeacherError
+from imitate.errors import BudgetExhausted, InputError, TeacherError
 from imitate.harvest.batch import harvest_batch
 from imitate.harvest.run import dry_run, harvest, status
 from imitate.records import read_jsonl
@@ -173,6 +175,54 @@ async def test_max_usd_is_used_to_within_one_request_estimate(fake, tmp_path: Pa
     assert 10 - one_request < spent <= 10  # not stopped at an estimated $1.5 with $0.88 spent
 
 
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_a_teacher_that_cannot_be_reached_stops_early_and_the_rerun_sends_every_row(tmp_path: Path):
+    port = _closed_port()
+    src = write_queries(tmp_path / "q.jsonl", [f"Reach {i}?" for i in range(40)])
+    out = tmp_path / "out"
+    started = time.monotonic()
+    outcome = await harvest(cfg_for(f"http://127.0.0.1:{port}/v1"), str(src), out, progress="quiet")
+    assert time.monotonic() - started < 15
+    assert isinstance(outcome.error, TeacherError) and outcome.error.exit_code == 4
+    assert "down after" in outcome.error.message and "ConnectFailed" in outcome.error.message
+    assert (
+        outcome.manifest["totals"]["ok"] == 0 and outcome.manifest["totals"]["failed"] == 0
+    )  # nothing failed for good
+    async with FakeTeacher() as server:
+        await server.stop()
+        await server.start(port=port)  # the server comes back on the same address
+        again = await harvest(cfg_for(server.base_url), str(src), out, progress="quiet")
+    assert again.error is None and again.manifest["totals"]["ok"] == 40
+
+
+@pytest.mark.parametrize(("fault", "cls"), [("auth", "AuthError"), ("nomodel", "ModelNotFound")])
+async def test_a_teacher_refusing_every_request_stops_at_once_leaving_rows_pending(tmp_path: Path, fault, cls):
+    async with FakeTeacher(faults={fault: 1.0}) as server:
+        src = write_queries(tmp_path / "q.jsonl", [f"Refused {i}?" for i in range(40)])
+        outcome = await harvest(cfg_for(server.base_url), str(src), tmp_path / "out", progress="quiet")
+        assert isinstance(outcome.error, TeacherError) and cls in outcome.error.message
+        assert outcome.error.exit_code == 4
+        assert server.stats()["requests"] <= 16  # stopped on the first answers, not after 40 rows
+        assert outcome.manifest["totals"]["failed"] == 0 and not (tmp_path / "out" / "failures.jsonl").exists()
+
+
+async def test_an_empty_input_is_an_error_not_complete(fake, tmp_path: Path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    outcome = await harvest(cfg_for(fake.base_url), str(empty), tmp_path / "out", progress="quiet")
+    assert isinstance(outcome.error, InputError) and "no rows" in outcome.error.message
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n[1, 2]\n")
+    cfg = cfg_for(fake.base_url, "harvest.source.skip_bad_rows=true")
+    outcome = await harvest(cfg, str(bad), tmp_path / "out2", progress="quiet")
+    assert isinstance(outcome.error, InputError) and "every row was skipped" in outcome.error.message
+
+
 async def test_quota_retires_the_teacher_and_fallback_takes_over(tmp_path: Path):
     async with FakeTeacher(faults={"quota": 1.0}) as broke, FakeTeacher(model="backup") as backup:
         src = write_queries(tmp_path / "q.jsonl", [f"Question {i}?" for i in range(20)])
@@ -238,8 +288,9 @@ async def test_batch_mode_end_to_end_resubmits_only_failures(fake, tmp_path: Pat
     batches = outcome.manifest["batches"]
     assert len(batches) == 2 and [b["round"] for b in batches] == [0, 1]
     assert fake.stats()["batch_lines"] == 12  # 11 rows + 1 resubmitted: nothing else paid twice
+    assert (outcome.manifest["this_run"]["requests"], outcome.manifest["this_run"]["batch_files"]) == (12, 2)
     again = await harvest_batch(cfg_for(fake.base_url), str(src), out, poll_s=0.02)
-    assert again.manifest["this_run"]["submitted"] == 0 and fake.stats()["batch_lines"] == 12
+    assert again.manifest["this_run"]["requests"] == 0 and fake.stats()["batch_lines"] == 12
 
 
 def test_batch_request_files_respect_line_and_byte_limits(tmp_path: Path):

@@ -17,6 +17,7 @@ from imitate.errors import (
     ServerError,
 )
 from imitate.harvest.plan import Budget, Planner
+from imitate.harvest.runtime import Health
 from imitate.records import Query
 from imitate.teacher.retry import RetryPolicy
 
@@ -83,6 +84,38 @@ def test_budget_never_admits_past_a_limit():
     assert not t.admit(0, 1) and t.exhausted == "max_tokens"
     r = Budget(BudgetConfig(max_requests=2))
     assert r.admit(0, 0) and r.admit(0, 0) and not r.admit(0, 0) and r.exhausted == "max_requests"
+
+
+def test_budget_settles_reservations_into_what_was_used():
+    b = Budget(BudgetConfig(max_usd=1.0, max_requests=3), spent_usd=0.2, requests=1)  # an earlier run's spend
+    assert b.fits(0.5, 100)
+    b.reserve(0.5, 100)
+    assert not b.fits(0.5, 100)  # 0.2 spent + 0.5 reserved + 0.5 > 1.0: wait for the one in flight
+    b.settle(0.5, 100, 0.1, 40)  # it cost less than its upper bound
+    assert (b.reserved_requests, b.requests, round(b.spent_usd, 9), b.tokens) == (0, 2, 0.3, 40)
+    assert b.fits(0.5, 100)
+    b.reserve(0.5, 100)
+    b.settle(0.5, 100, 0.0, 0)  # a 500: not billed, still a request
+    assert not b.fits(0.01, 1) and b.exhausted == "max_requests"
+
+
+def test_health_stops_a_teacher_never_reached_fast_and_rides_out_a_brief_outage():
+    now = [0.0]
+    h = Health(down_after=4, down_after_s=60.0, clock=lambda: now[0])
+    assert [h.failed(connect=True) for _ in range(4)] == [False, False, False, True]  # refused from the start
+    h = Health(down_after=4, down_after_s=60.0, clock=lambda: now[0])
+    assert not any(h.failed(connect=False) for _ in range(50))  # 5xx from the start: give it time
+    now[0] = 61.0
+    assert h.failed(connect=False)
+    h = Health(down_after=4, down_after_s=60.0, clock=lambda: now[0])
+    h.ok()
+    assert not any(h.failed(connect=True) for _ in range(500))  # it answered before: a restart is ridden out
+    now[0] += 30
+    assert not h.failed(connect=True)
+    now[0] += 31
+    assert h.failed(connect=True)
+    h.ok()
+    assert not h.failed(connect=True)
 
 
 def test_retry_policy_by_class():

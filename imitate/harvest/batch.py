@@ -20,13 +20,12 @@ from typing import Any
 from imitate.config import ImitateConfig
 from imitate.errors import ImitateError, TeacherError
 from imitate.harvest.journal import MANIFEST, Journal, write_json_atomic
-from imitate.harvest.plan import Budget, Planned
+from imitate.harvest.plan import Budget, Planned, estimate_request
 from imitate.harvest.results import Accum, build_record
-from imitate.harvest.run import Outcome, _clients, build_planner
+from imitate.harvest.run import Outcome, build_planner, make_clients, manifest_totals
 from imitate.harvest.sources import open_source
 from imitate.records import Query, Request
 from imitate.teacher.client import error_for_status, reply_from_body
-from imitate.teacher.limiter import estimate_tokens
 
 MAX_LINES = 50_000
 MAX_BYTES = 200 * 1024 * 1024
@@ -133,9 +132,13 @@ class BatchHarvest:
         self.planner = build_planner(cfg)
         self.journal = Journal(out_dir, shard_rows=self.h.shard_rows, fsync_every=self.h.fsync_every)
         self.state = BatchState(out_dir)
-        totals = self.journal.totals()
-        self.budget = Budget(self.h.budget, spent_usd=totals.cost_usd, tokens=totals.tokens, requests=totals.attempts)
-        self.counts = {"ok": 0, "failed": 0, "submitted": 0, "resubmitted": 0, "skipped_done": 0, "planned": 0}
+        # online attempts are in the ledger, batch lines only in their records: the larger of the two, per field
+        t, spent = self.journal.totals(), self.journal.ledger.spent
+        self.budget = Budget(self.h.budget, spent_usd=max(t.cost_usd, spent.usd), tokens=max(t.tokens, spent.tokens),
+                             requests=max(t.attempts, spent.requests))  # fmt: skip
+        # requests: lines sent in batch files; batch_files: the files that carried them
+        self.counts = {"ok": 0, "failed": 0, "requests": 0, "batch_files": 0, "resubmitted": 0, "skipped_done": 0,
+                       "planned": 0}  # fmt: skip
         self.stop_reason: str | None = None
         self.source_exhausted = False
 
@@ -162,10 +165,9 @@ class BatchHarvest:
         return self._close(writers)
 
     def _admit(self, p: Planned) -> bool:
-        req = p.request
-        est = estimate_tokens([m.model_dump() for m in req.messages], req.params.max_tokens)
-        price = self.cfg.price_for(req.model)
-        est_usd = price.cost(max(0, est - req.params.max_tokens), req.params.max_tokens) * price.batch_multiplier
+        price = self.cfg.price_for(p.request.model)
+        est, est_usd = estimate_request(p.request, price)
+        est_usd *= price.batch_multiplier
         if not self.budget.admit(est_usd, est):
             self.stop_reason = self.budget.describe()
             return False
@@ -246,12 +248,18 @@ class BatchHarvest:
 
     # -------------------------------------------------------------------------------------- the run
 
+    async def _submit(self, teacher: str, files: list[tuple[Path, Path]], round_: int) -> None:
+        self.counts["batch_files"] += len(files)
+        for req_path, _ in files:
+            with open(req_path, "rb") as f:
+                self.counts["requests"] += sum(1 for _ in f)
+        await _submit(self.clients[teacher], self.state, teacher, files, round_)
+
     async def run(self, source: Any) -> None:
         retry = await self.wait_and_collect()  # batches a previous (crashed) run submitted come first
         files = self.plan(source)
         for teacher, fs in files.items():
-            self.counts["submitted"] += sum(1 for _ in fs)
-            await _submit(self.clients[teacher], self.state, teacher, fs, 0)
+            await self._submit(teacher, fs, 0)
         retry += await self.wait_and_collect()
         round_ = 1
         while retry and round_ < self.h.retry.max_attempts:
@@ -262,7 +270,7 @@ class BatchHarvest:
                                                                   MAX_BYTES)).add(p)  # fmt: skip
                     self.counts["resubmitted"] += 1
             for teacher, fs in self._close(writers).items():
-                await _submit(self.clients[teacher], self.state, teacher, fs, round_)
+                await self._submit(teacher, fs, round_)
             retry = await self.wait_and_collect()
             round_ += 1
 
@@ -279,7 +287,7 @@ async def harvest_batch(
     from imitate.config import redacted, stamp
 
     own = clients is None
-    clients = clients if clients is not None else _clients(cfg)
+    clients = clients if clients is not None else make_clients(cfg)
     source = open_source(input_path, cfg.harvest.source)
     stamp(cfg, out_dir, command)
     run = BatchHarvest(cfg, out_dir, clients, poll_s=poll_s)
@@ -290,27 +298,17 @@ async def harvest_batch(
         if run.source_exhausted and run.stop_reason is None:
             run.journal.set_meta("planned", str(run.counts["planned"]))
     finally:
-        totals = run.journal.totals()
-        planned = run.journal.get_meta("planned")
-        pending = max(0, int(planned) - totals.ok - totals.failed) if planned is not None else None
+        totals = manifest_totals(run.journal)
         manifest = {
             "mode": "batch",
             "command": command,
             "input": input_path,
-            "status": "complete" if pending == 0 and run.stop_reason is None else "partial",
+            "status": "complete" if totals["pending"] == 0 and run.stop_reason is None else "partial",
             "stop_reason": run.stop_reason,
             "started_at": round(started, 3),
             "finished_at": round(time.time(), 3),
-            "totals": {
-                "ok": totals.ok,
-                "failed": totals.failed,
-                "failed_by_class": totals.failed_by_class,
-                "tokens": totals.tokens,
-                "spend_usd": round(totals.cost_usd, 8),
-                "pending": pending,
-                "planned": int(planned) if planned is not None else None,
-            },  # fmt: skip
-            "this_run": {**run.counts, "requests": run.counts["submitted"], "throttled_429": 0},
+            "totals": totals,
+            "this_run": {**run.counts, "throttled_429": 0},
             "batches": run.state.batches,
             "config": redacted(cfg),
         }

@@ -20,10 +20,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from imitate.config import ImitateConfig, Price, TeacherConfig
+from imitate.config import ImitateConfig, Price
 from imitate.errors import (
     TEACHER_FATAL,
     ConnectFailed,
@@ -34,62 +33,18 @@ from imitate.errors import (
     StorageError,
     TeacherError,
 )
-from imitate.harvest.health import Health
 from imitate.harvest.journal import Journal
-from imitate.harvest.plan import Budget, Planned, Planner, estimate_cost
+from imitate.harvest.plan import Budget, Planned, Planner, estimate_request
 from imitate.harvest.results import Accum, Stats, build_record
+from imitate.harvest.runtime import Doorbell, Health, TeacherRuntime
 from imitate.records import Request
-from imitate.teacher.limiter import RateLimiter, Ticket, estimate_tokens
+from imitate.teacher.limiter import RateLimiter, Ticket
 from imitate.teacher.reply import RateLimitState
 from imitate.teacher.retry import RetryPolicy
 
 
 class _Abandoned(Exception):
     """Internal: a row given up without a record (stopping, or its teacher retired); it stays pending."""
-
-
-class _Doorbell:
-    """Wakes tasks that wait for the limiter as soon as something changed (a request of the teacher finished,
-    freeing a slot and feeding the limiter; or the run is stopping) instead of polling it: a timer and a future
-    per wait, no task."""
-
-    def __init__(self) -> None:
-        self._waiters: set[asyncio.Future] = set()
-
-    async def wait(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        timer = loop.call_later(timeout, _resolve, fut)
-        self._waiters.add(fut)
-        try:
-            await fut
-        finally:
-            timer.cancel()
-            self._waiters.discard(fut)
-
-    def ring(self) -> None:
-        for fut in self._waiters:
-            _resolve(fut)
-
-
-def _resolve(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-@dataclass
-class TeacherRuntime:
-    cfg: TeacherConfig
-    client: Any  # TeacherClient; Any keeps this module free of the openai import chain in type checks
-    limiter: RateLimiter
-    queue: asyncio.Queue
-    health: Health
-    doorbell: _Doorbell = field(default_factory=_Doorbell)
-    dead: str | None = None
-    sent: int = 0
-    ok: int = 0
-    throttled: int = 0
-    tokens: int = 0
 
 
 class Collector:
@@ -116,7 +71,7 @@ class Collector:
         self.stats = Stats()
         self.stop_reason: str | None = None
         self.fatal: StorageError | None = None  # the output cannot be written: the run's error
-        self._budget_bell = _Doorbell()  # rung whenever an attempt settles: a refused one may fit now
+        self._budget_bell = Doorbell()  # rung whenever an attempt settles: a refused one may fit now
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._inflight_keys: set[str] = set()
@@ -225,10 +180,7 @@ class Collector:
         return self.teachers[alt.teacher]
 
     def _estimate(self, req: Request, params=None) -> tuple[int, float]:
-        max_tokens = (params or req.params).max_tokens
-        est = estimate_tokens(req.messages, max_tokens)
-        prompt = max(0, est - max_tokens)
-        return est, estimate_cost(self._price(req.model), prompt, max_tokens)
+        return estimate_request(req, self._price(req.model), (params or req.params).max_tokens)
 
     def _price(self, model: str) -> Price:
         price = self._prices.get(model)

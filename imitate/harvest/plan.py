@@ -18,6 +18,7 @@ from collections.abc import Callable
 from imitate.config import BudgetConfig, HarvestConfig, Price, TeacherConfig
 from imitate.errors import ConfigError
 from imitate.records import Query, Request
+from imitate.teacher.buckets import estimate_tokens
 
 Sample = Callable[[Query], tuple[str | None, str | None, str | None]]
 
@@ -196,6 +197,9 @@ class Budget:
         return "within budget"
 
 
-def estimate_cost(price: Price, prompt_tokens: int, max_tokens: int) -> float:
-    """Upper bound of a request's cost: its prompt estimate plus every completion token it may use."""
-    return price.cost(prompt_tokens, max_tokens)
+def estimate_request(req: Request, price: Price, max_tokens: int | None = None) -> tuple[int, float]:
+    """(tokens, USD) upper bounds of one request: its prompt estimate plus every completion token it may use
+    (`max_tokens`: a re-ask's larger limit). The one estimate the collector, batch mode and the dry run share."""
+    max_tokens = req.params.max_tokens if max_tokens is None else max_tokens
+    est = estimate_tokens(req.messages, max_tokens)
+    return est, price.cost(max(0, est - max_tokens), max_tokens)

@@ -18,11 +18,10 @@ from imitate.config import ImitateConfig, redacted, resolve_api_key, stamp
 from imitate.errors import BudgetExhausted, ImitateError, InputError, Interrupted, StorageError, TeacherError
 from imitate.harvest.collector import Collector
 from imitate.harvest.journal import MANIFEST, Journal, write_json_atomic
-from imitate.harvest.plan import Budget, Planner, estimate_cost
+from imitate.harvest.plan import Budget, Planner, estimate_request
 from imitate.harvest.progress import Progress
 from imitate.harvest.sources import open_source
 from imitate.prompts import SystemMessageSampler, load_library
-from imitate.teacher.limiter import estimate_tokens
 
 
 @dataclass
@@ -37,7 +36,8 @@ def build_planner(cfg: ImitateConfig) -> Planner:
     return Planner(h, sampler.sample)
 
 
-def _clients(cfg: ImitateConfig) -> dict[str, Any]:
+def make_clients(cfg: ImitateConfig) -> dict[str, Any]:
+    """One TeacherClient per configured teacher (online and batch mode); every missing key is reported first."""
     from imitate.teacher.client import TeacherClient
 
     keys = {t.name: resolve_api_key(t) for t in cfg.harvest.teachers}  # every missing key reported before work
@@ -173,7 +173,7 @@ async def harvest(
     """Harvest `input_path` into `out_dir`. Never raises for a row; returns the manifest and the stop error."""
     h = cfg.harvest
     own_clients = clients is None
-    clients = clients if clients is not None else _clients(cfg)
+    clients = clients if clients is not None else make_clients(cfg)
     planner = build_planner(cfg)
     source = open_source(input_path, h.source)
     started_at = time.time()
@@ -295,12 +295,11 @@ def dry_run(cfg: ImitateConfig, input_path: str, out_dir: Path | None) -> dict[s
                 if journal and journal.status_of(p.request.key()) is not None:
                     already += 1
                     continue
-                est = estimate_tokens([m.model_dump() for m in p.request.messages], h.params.max_tokens)
-                prompt = max(0, est - h.params.max_tokens)
+                est, usd = estimate_request(p.request, cfg.price_for(p.request.model))
                 d = per[p.request.teacher]
                 d["requests"] += 1
                 d["tokens"] += est
-                d["usd"] += estimate_cost(cfg.price_for(p.request.model), prompt, h.params.max_tokens)
+                d["usd"] += usd
     finally:
         if journal:
             journal.close()

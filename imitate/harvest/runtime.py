@@ -1,4 +1,5 @@
-"""Whether a teacher is down: pure bookkeeping of failed attempts in a row, with the clock injected.
+"""Each teacher's state during a run (`TeacherRuntime`), the `Doorbell` that wakes tasks waiting on it, and
+`Health`: whether a teacher is down, pure bookkeeping of failed attempts in a row with the clock injected.
 
 Failed attempts in a row (no connection, 5xx, timeouts) count. A teacher that was never reached is down after
 `down_after` attempts in a row that could not connect (refused, DNS, unreachable): a wrong port or a dead server
@@ -9,7 +10,13 @@ a brief outage (a server restarting while 256 requests are in flight) is ridden 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from imitate.config import TeacherConfig
+from imitate.teacher.limiter import RateLimiter
 
 
 class Health:
@@ -38,3 +45,47 @@ class Health:
             return False
         never_reached = not self.answered and self.connect_failures >= self.down_after
         return never_reached or now - self.failing_since >= self.down_after_s
+
+
+class Doorbell:
+    """Wakes tasks that wait for the limiter as soon as something changed (a request of the teacher finished,
+    freeing a slot and feeding the limiter; or the run is stopping) instead of polling it: a timer and a future
+    per wait, no task."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Future] = set()
+
+    async def wait(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        timer = loop.call_later(timeout, _resolve, fut)
+        self._waiters.add(fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._waiters.discard(fut)
+
+    def ring(self) -> None:
+        for fut in self._waiters:
+            _resolve(fut)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+@dataclass
+class TeacherRuntime:
+    cfg: TeacherConfig
+    client: Any  # TeacherClient; Any keeps this module free of the openai import chain in type checks
+    limiter: RateLimiter
+    queue: asyncio.Queue
+    health: Health
+    doorbell: Doorbell = field(default_factory=Doorbell)
+    dead: str | None = None
+    sent: int = 0
+    ok: int = 0
+    throttled: int = 0
+    tokens: int = 0
