@@ -85,10 +85,16 @@ class TeacherConfig(_Cfg):
         description="send a copy of this share of queries (chosen by id hash) here, besides the main route",
     )
     fallback: bool = Field(False, description="only used when the routed teacher is out of quota or down")
-    transport: Literal["wire", "httpx", "sdk"] = Field(
-        "wire",
-        description="how chat requests are sent: wire = imitate's lean HTTP/1.1 client (fastest), httpx = httpx2, "
-        "sdk = the openai SDK; with proxy environment variables set, wire and httpx go through httpx2",
+    transport: Literal["aiohttp", "sdk"] = Field(
+        "aiohttp",
+        description="how chat requests are sent: aiohttp (fast, the default) or sdk = the openai SDK, for setups "
+        "only the SDK handles (README, 'Transports')",
+    )
+    ca_bundle: str | None = Field(
+        None, description="extra CA certificates (PEM file or directory) to trust, besides the system's"
+    )
+    max_response_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="cap on one decoded chat answer; a longer one fails its row"
     )
 
 
@@ -121,6 +127,12 @@ class RetryConfig(_Cfg):
     base_delay_s: float = Field(0.5, ge=0)
     max_delay_s: float = Field(60.0, ge=0)
     reask_truncated: int = Field(0, ge=0, description="re-ask a truncated answer this many times, doubling max_tokens")
+    down_after: int = Field(
+        16, ge=1, description="failed attempts in a row (no connection, 5xx, timeout) after which a teacher is down"
+    )
+    down_after_s: float = Field(
+        60.0, ge=0, description="for a teacher that has answered before: also this long without an answer"
+    )
 
 
 class HarvestConfig(_Cfg):

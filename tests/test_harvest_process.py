@@ -205,7 +205,6 @@ def test_a_key_in_the_base_url_is_not_on_screen_nor_in_config_or_manifest(harves
     assert "--base-url http://***@127.0.0.1" in manifest["command"]
 
 
-@pytest.mark.xfail(strict=True, reason="provenance.base_url: results.py is to build it with config.redact_url")
 def test_a_key_in_the_base_url_is_in_no_output_file(harvest_with_key_in_url):
     out, _ = harvest_with_key_in_url
     for f in out.rglob("*"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from imitate.config import BudgetConfig, HarvestConfig, Price, TeacherConfig
+from imitate.config import BudgetConfig, HarvestConfig, Price, TeacherConfig, redact_url
 from imitate.errors import ConfigError
 from imitate.records import Query, Request
 from imitate.teacher.buckets import estimate_tokens
@@ -88,7 +88,7 @@ class Planner:
             query_id=q.id,
             teacher=t.name,
             model=t.model,
-            base_url=t.base_url,
+            base_url=redact_url(t.base_url),  # requests and their records never hold URL credentials
             messages=q.messages(text),
             params=self.cfg.params,
             sample_index=sample_index,
