@@ -19,7 +19,6 @@ An empty message (id 1) comes back as `("1", sha256(""), None)`: recorded, but n
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imitate.errors import ConfigError
-from imitate.records import Query, sha256_text
+from imitate.records import Query, sha256_text, unit_hash
 
 PROMPTS_DIR_ENV = "IMITATE_PROMPTS_DIR"
 ROW_PROMPT_ID = "row"
@@ -179,12 +178,6 @@ def load_library(dir: Path | str | None = None) -> PromptLibrary:
 # ---------------------------------------------------------------------------------------------- sampling
 
 
-def _unit(*parts: object) -> float:
-    """A stable number in [0, 1) from the parts; nothing else (no order, no global RNG) goes in."""
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
 def _parse_weights(weights: Mapping[int | str, float], library: PromptLibrary) -> dict[int, float]:
     out, problems = {}, []
     for key, w in weights.items():
@@ -258,7 +251,7 @@ class SystemMessageSampler:
             return ROW_PROMPT_ID, sha256_text(query.system), query.system or None
         # The trailing 0 was a per-sample index that was never varied; kept so earlier harvests draw the same
         # messages, and so build the same request keys on resume.
-        pid = self._tables[self.table_for(query.collection)].pick(_unit("system", self.seed, query.id, 0))
+        pid = self._tables[self.table_for(query.collection)].pick(unit_hash("system", self.seed, query.id, 0))
         if pid is None:
             return None, None, None
         p = self.library.prompts[pid]

@@ -33,6 +33,13 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def unit_hash(*parts: object) -> float:
+    """A stable number in [0, 1) from the parts (routing, subsets, system-message draws): the same parts always
+    land in the same place; nothing else (no order, no global RNG) goes in."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 class Message(_Model):
     role: Role
     content: str

@@ -12,21 +12,14 @@ Routing rules (all deterministic in the query id, so a resumed run plans the sam
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 
 from imitate.config import BudgetConfig, HarvestConfig, Price, TeacherConfig, redact_url
 from imitate.errors import ConfigError
-from imitate.records import Query, Request
+from imitate.records import Query, Request, unit_hash
 from imitate.teacher.buckets import estimate_tokens
 
 Sample = Callable[[Query], tuple[str | None, str | None, str | None]]
-
-
-def unit_hash(*parts: str) -> float:
-    """A stable number in [0, 1) from strings: the same query always lands in the same bucket."""
-    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 class Planned:
