@@ -1,18 +1,28 @@
 """The loopback fake teacher at the HTTP level: deterministic answers, token estimates, OpenAI-style token
-buckets and headers, scripted and random faults, stats, and the three ways to run it."""
+buckets and headers, scripted and random faults (hostile ones included), stats, the three ways to run it, its
+options defined once and its modules free of import cycles. The client here is the standard library's."""
 
+import ast
 import asyncio
+import dataclasses
+import http.client
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import zlib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-import httpx2
+import aiohttp
 import pytest
 
 from imitate.errors import ConfigError
 from imitate.teacher.fake import (
+    FakeConfig,
     FakeTeacher,
     TokenBucket,
     estimate_tokens,
@@ -21,19 +31,64 @@ from imitate.teacher.fake import (
     prompt_tokens,
     running_fake_teacher,
 )
+from imitate.teacher.fake.runner import _parser
 from imitate.teacher.reply import parse_duration
 
 
-def chat(http: httpx2.Client, question: str, system: str | None = None, **body) -> httpx2.Response:
+@dataclasses.dataclass
+class Response:
+    status_code: int
+    headers: dict[str, str]  # lowercase names
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode()
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+_dumps = json.dumps  # `json` is also Client.request's keyword, as in requests/httpx
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection to the fake (http.client), with paths relative to its base URL."""
+
+    def __init__(self, base_url: str, timeout: float = 5):
+        parts = urlsplit(base_url)
+        self.prefix = parts.path
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+    def request(self, method: str, path: str, *, json: Any = None, content: bytes | None = None) -> Response:
+        body = content if json is None else _dumps(json).encode()
+        self.conn.request(method, self.prefix + path, body=body, headers={"content-type": "application/json"})
+        response = self.conn.getresponse()
+        return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+
+    def get(self, path: str) -> Response:
+        return self.request("GET", path)
+
+    def post(self, path: str, **kw: Any) -> Response:
+        return self.request("POST", path, **kw)
+
+
+def chat(http: Client, question: str, system: str | None = None, **body) -> Response:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     return http.post("/chat/completions", json={"model": "fake-teacher", "messages": messages, **body})
 
 
-def client(server) -> httpx2.Client:
-    return httpx2.Client(base_url=server.base_url, timeout=5)
+def client(server) -> Client:
+    return Client(server.base_url)
 
 
-def answer(response: httpx2.Response) -> str:
+def answer(response: Response) -> str:
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["message"]["content"]
 
@@ -157,17 +212,18 @@ def test_stats_and_reset(fake_teacher):
         assert stats["by_status"] == {200: 2, 429: 1}
         assert stats["connections"] == 2  # ours, kept alive, and the one asking for stats
         assert stats["tokens_served"] == stats["prompt_tokens"] + stats["completion_tokens"] > 0
-    reset = httpx2.post(fake_teacher.base_url.removesuffix("/v1") + "/fake/reset")
+    with client(fake_teacher) as http:
+        reset = http.post("/fake/reset")
     assert reset.json()["requests"] == 0 and fake_teacher.stats()["requests"] == 0
 
 
 def test_latency_is_concurrent_not_serial():
     async def run() -> tuple[float, dict]:
-        async with FakeTeacher(latency_s=0.2) as fake, httpx2.AsyncClient(base_url=fake.base_url) as http:
+        async with FakeTeacher(latency_s=0.2) as fake, aiohttp.ClientSession(fake.base_url + "/") as http:
             start = time.perf_counter()
             body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-            responses = await asyncio.gather(*(http.post("/chat/completions", json=body) for _ in range(8)))
-            assert {r.status_code for r in responses} == {200}
+            responses = await asyncio.gather(*(http.post("chat/completions", json=body) for _ in range(8)))
+            assert {r.status for r in responses} == {200}
             return time.perf_counter() - start, fake.stats()
 
     elapsed, stats = asyncio.run(run())
@@ -212,7 +268,7 @@ def test_runs_in_its_own_process(make_fake_teacher):
 
 
 def test_running_fake_teacher_in_a_thread():
-    with running_fake_teacher(process=False, sentences=1) as base_url, httpx2.Client(base_url=base_url) as http:
+    with running_fake_teacher(process=False, sentences=1) as base_url, Client(base_url) as http:
         assert answer(chat(http, "Explain threads.")).count("Step") == 0
 
 
@@ -227,9 +283,70 @@ def test_cli_serves_until_terminated():
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         base_url = proc.stdout.readline().split()[-1]
-        with httpx2.Client(base_url=base_url) as http:
+        with Client(base_url) as http:
             assert chat(http, "hi").headers["x-ratelimit-limit-requests"] == "3"
     finally:
         proc.terminate()
         assert proc.wait(timeout=5) == 0
         proc.stdout.close()
+
+
+def post_stream(server, fault: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A chat request whose answer is read by the caller, piece by piece."""
+    parts = urlsplit(server.base_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    body = {"model": "m", "messages": [{"role": "user", "content": f"Explain. [[fault:{fault}]]"}]}
+    conn.request("POST", parts.path + "/chat/completions", body=_dumps(body))
+    return conn, conn.getresponse()
+
+
+def test_hostile_faults_redirect_missing_model_endless_body_and_gzip_bomb(fake_teacher):
+    with client(fake_teacher) as http:
+        moved = chat(http, "Explain. [[fault:redirect]]")
+        assert moved.status_code == 307
+        assert moved.headers["location"] == fake_teacher.base_url + "/moved/chat/completions"
+        missing = chat(http, "Explain. [[fault:nomodel]]")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    conn, endless = post_stream(fake_teacher, "endless")
+    assert endless.status == 200 and endless.getheader("transfer-encoding") == "chunked"
+    assert endless.read(8 << 20).strip() == b""  # 8 MiB in and still going
+    conn.close()
+    conn, bomb = post_stream(fake_teacher, "bomb")
+    compressed = bomb.read()
+    conn.close()
+    assert bomb.getheader("content-encoding") == "gzip" and len(compressed) < 2 << 20
+    inflate, inflated, rest = zlib.decompressobj(31), 0, compressed
+    while rest:  # in bounded steps: the point of a bomb is that doing it at once would not fit
+        inflated += len(inflate.decompress(rest, 16 << 20))
+        rest = inflate.unconsumed_tail
+    assert inflated == 1 << 30
+    assert fake_teacher.stats()["faults"] == {"redirect": 1, "nomodel": 1, "endless": 1, "bomb": 1}
+
+
+def test_options_are_defined_once_in_fake_config():
+    fields = {field.name for field in dataclasses.fields(FakeConfig)}
+    flags = {action.dest for action in _parser()._actions} - {"help", "host", "port", "config_json"}
+    assert flags == fields
+    argv = ["--rpm", "5", "--no-headers", "--faults", "500=0.5", "--latency", "0.1", "--api-key", "k"]
+    given = {k: v for k, v in vars(_parser().parse_args(argv)).items() if k in fields}
+    expected = FakeConfig(rpm=5, headers=False, faults={"500": 0.5}, latency_s=0.1, api_key="k")
+    assert FakeConfig(**given) == expected
+
+
+def test_the_fake_has_no_import_cycle():
+    folder = Path(FakeTeacher.__module__.replace(".", "/")).parent
+    modules = [p for p in (Path(__file__).resolve().parents[1] / folder).glob("*.py") if not p.stem.startswith("__")]
+    graph = {
+        path.stem: {
+            node.module.rsplit(".", 1)[1]
+            for node in ast.walk(ast.parse(path.read_text()))  # TYPE_CHECKING imports count too
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("imitate.teacher.fake.")
+        }
+        for path in modules
+    }
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(dep == goal or (dep not in seen and reaches(dep, goal, seen | {dep})) for dep in graph[start])
+
+    assert graph["http"] == set() and "app" not in graph["batches"] | graph["answers"]
+    assert not [module for module in graph if reaches(module, module, set())]

@@ -1,201 +1,126 @@
-"""The teacher client: the only module that imports `openai`. Every SDK failure is translated here, once.
+"""The teacher client: one OpenAI-compatible endpoint, and the only module that imports `openai`. Every
+transport failure is translated here, once.
 
 `TeacherClient.chat` sends one chat completion and returns a `Reply` even when `finish_reason` is "length" or
-"content_filter"; `check_finish` turns those into errors for callers that want that. Three paths behind one seam
-(`_send`, which returns the raw 200 body and its headers):
+"content_filter"; `check_finish` turns those into errors for callers that want that. Two transports sit behind
+one seam, `_send(body, extra) -> (raw 200 body, headers)`:
 
-- `transport="wire"` (default): one pre-encoded POST over `imitate.teacher.wire`, a minimal HTTP/1.1 client on
-  asyncio protocols. The harvester needs nothing from the SDK on this path but a JSON POST, and both the SDK
-  (its per-request parameter transform) and httpx2 (three quarters of the harvester's CPU per row) were the
-  bottleneck of a fast harvest (bench/RESULTS.md, "Harvest overhead"). With an injected `http_client`, or when
-  proxy environment variables are set, the POST goes through `http_client.send` (httpx2) instead.
-- `transport="httpx"`: the same POST through httpx2 transports, in several small pools used in turn (`_Pools`).
-- `transport="sdk"`: the openai SDK's raw-response API (so the rate-limit headers are readable).
+- `transport="aiohttp"` (default): one pre-encoded JSON POST over an `aiohttp.ClientSession` (one per client,
+  opened in the running loop). aiohttp is the fast transport the openai SDK itself offers (its `aiohttp`
+  extra): a C parser, TLS, proxies and decompression that are maintained elsewhere, for ~0.12 ms of client CPU
+  per request against ~1.6 ms through the SDK (bench/RESULTS.md, "Harvest overhead").
+- `transport="sdk"`: the openai SDK's raw-response API (so the rate-limit headers stay readable), for setups the
+  SDK already handles and aiohttp does not (see the README: Azure-style gateways, exotic auth or proxies).
 
-All three have no retries of their own (the harvester's retry policy decides), send the key as
-`Authorization: Bearer`, and map failures onto the same errors. The Batch API and model listing always use the
-SDK; they return plain dicts / bytes so no openai type leaks past this module. `openai` is imported on first use
-of the SDK (in the methods below): importing it takes ~1.5 s, which the lean paths never need to pay.
+What the aiohttp path guarantees:
+- TLS verified with hostname check: system CAs or `SSL_CERT_FILE`/`SSL_CERT_DIR`, plus `ca_bundle` if given;
+- proxies from `HTTP_PROXY`/`HTTPS_PROXY` minus `NO_PROXY`, resolved once with aiohttp's own helper (aiohttp's
+  `trust_env=True` would do that lookup and a ~/.netrc read in a thread on every request, and a netrc entry
+  for the teacher's host would clash with the bearer key);
+- redirects are not followed (a POST must not be re-sent somewhere else): a 3xx is one BadRequest per row;
+- the *decoded* body is capped at `max_response_bytes` (aiohttp inflates gzip as it is read), and beyond
+  `FREE_BODY_BYTES` a response needs a share of a client-wide budget (`LARGE_BODY_BUDGET`), so 256 endless or
+  decompression-bomb responses hold ~256 x 100 KiB + 128 MiB, not 256 x the cap (8 GiB);
+- `user:password@` in `base_url` is stripped (aiohttp would send it as Basic auth) and scrubbed from messages.
 
-Error mapping (`error_for_status` for HTTP statuses, `_translate` / `_send_lean` for exceptions):
+Neither transport retries (the harvester's retry policy decides); both send the key as `Authorization: Bearer`.
+The SDK keeps its own client's rules (it follows redirects and reads bodies whole; of ours it only learns
+`ca_bundle`). The Batch/Files API and model listing always use the SDK, which returns plain dicts / bytes so no
+openai type leaks past this module; `openai` is imported on first use (~1.5 s).
 
-    429 insufficient_quota / billing      QuotaExhausted        401, 403                 AuthError
-    429 otherwise                         RateLimited           400 context length       ContextTooLong
-    400 content_filter / policy           ContentFiltered       other 4xx                BadRequest
-    408, connection error, timeout        NetworkError          5xx                      ServerError
-    200 with bad JSON / no choices        BadResponse
+Error mapping, once: statuses through `reply.error_for_status` (pure), exceptions in `_transport_error`,
+`_body_error` (aiohttp) and `_translate` (SDK):
 
-Messages never contain the API key: anything echoed by the server passes through `_scrub`.
+    429 insufficient_quota / billing   QuotaExhausted     401, 403                       AuthError
+    429 otherwise                      RateLimited        404 on chat, or "model ... not found"  ModelNotFound
+    400 context length                 ContextTooLong     400 content_filter / policy    ContentFiltered
+    3xx (not followed), other 4xx      BadRequest         5xx                            ServerError
+    refused, DNS, unreachable          ConnectFailed      certificate / handshake        TLSFailure
+    408, timeout, reset, cut body      NetworkError       200 with bad JSON / no choices / over the cap  BadResponse
+
+Messages never contain the API key or URL userinfo: anything echoed by the server passes through `scrub`.
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
 import json
-import math
-import re
+import os
+import ssl
 import time
-import urllib.request
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal, TypeVar
 
-import httpx2
+import aiohttp
+import yarl
+from aiohttp.helpers import get_env_proxy_for_url
 
 from imitate import __version__
 from imitate.errors import (
-    AuthError,
     BadRequest,
     BadResponse,
-    ContentFiltered,
-    ContextTooLong,
+    ConfigError,
+    ConnectFailed,
     InputError,
     NetworkError,
-    QuotaExhausted,
-    RateLimited,
-    ServerError,
     TeacherError,
-    Truncated,
+    TLSFailure,
 )
-from imitate.records import GenerationParams, Message, Usage
-from imitate.teacher.reply import Reply, parse_rate_headers
-from imitate.teacher.wire import WireClient, WireError
+from imitate.records import GenerationParams, Message
+from imitate.teacher.reply import NO_KEY, Reply, check_finish, error_body, error_for_status, reply_from_body, scrub
 
-NO_KEY = "not-needed"  # local servers (vLLM, llama.cpp, the fake) need no key but the SDK insists on one
-_QUOTA_HINTS = ("insufficient_quota", "billing", "exceeded your current quota", "credit balance")
-_CONTEXT_HINTS = ("context_length_exceeded", "maximum context length", "context size", "context window")
-_FILTER_CODES = {"content_filter", "content_policy_violation"}
-_KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6})[A-Za-z0-9_\-]+")
-POOL_CONNECTIONS = 32  # connections per httpx2 transport on the httpx path (see `_Pools`)
-TRANSPORTS = ("wire", "httpx", "sdk")
+__all__ = ["TRANSPORTS", "TeacherClient", "check_finish", "error_for_status", "parse_base_url", "reply_from_body"]
 
-
-def _scrub(text: str, api_key: str | None) -> str:
-    if api_key and api_key != NO_KEY:
-        text = text.replace(api_key, "***")
-    return _KEY_LIKE.sub(r"\1***", text)
+T = TypeVar("T")
+TRANSPORTS = ("aiohttp", "sdk")
+DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+FREE_BODY_BYTES = 64 * 1024  # what any response may buffer freely: a 16k-token answer
+LARGE_BODY_BUDGET = 128 * 1024 * 1024  # what all responses past FREE_BODY_BYTES may hold at once
+ERROR_BODY_BYTES = 64 * 1024  # an error body is only read for its message
+# one encoder for every request: json.dumps with options builds a fresh JSONEncoder per call
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
 
-def _error_fields(body: object) -> tuple[str, str, str]:
-    """(message, type, code) from an OpenAI-shaped error body, its inner `error` object, or plain text."""
-    if isinstance(body, Mapping):
-        inner = body.get("error", body)
-        if isinstance(inner, Mapping):
-            body = inner
-        elif isinstance(inner, str):  # vLLM / llama.cpp variants: {"error": "text"}
-            return inner, "", ""
-        return tuple(str(body.get(k) or "") for k in ("message", "type", "code"))  # type: ignore[return-value]
-    return (str(body) if body is not None else ""), "", ""
-
-
-def error_for_status(
-    status: int, headers: Mapping[str, str], body: object, *, api_key: str | None = None
-) -> TeacherError:
-    """The TeacherError for an HTTP error response (pure: usable by the SDK path and any raw path)."""
-    message, type_, code = _error_fields(body)
-    rate = parse_rate_headers(headers)
-    lowered = f"{type_} {code} {message}".lower()
-    text = _scrub(f"HTTP {status}{f' {code or type_}' if code or type_ else ''}: {message or 'no message'}", api_key)
-    kwargs = {
-        "status": status,
-        "retry_after": rate.retry_after_s,
-        "request_id": headers.get("x-request-id"),
-        "rate": rate,
-    }
-    if status == 429 and any(hint in lowered for hint in _QUOTA_HINTS):
-        return QuotaExhausted(text, hint="add credit or raise the quota, then rerun to resume", **kwargs)
-    if status == 429:
-        return RateLimited(text, **kwargs)
-    if status in (401, 403):
-        return AuthError(text, hint="check the API key environment variable and its permissions", **kwargs)
-    if status == 408:
-        return NetworkError(text, **kwargs)
-    if status == 400 and any(hint in lowered for hint in _CONTEXT_HINTS):
-        return ContextTooLong(text, **kwargs)
-    if status == 400 and (code in _FILTER_CODES or type_ in _FILTER_CODES):
-        return ContentFiltered(text, **kwargs)
-    if status >= 500:
-        return ServerError(text, **kwargs)
-    return BadRequest(text, **kwargs)
-
-
-def reply_from_body(content: bytes, headers: Mapping[str, str], latency_s: float) -> Reply:
-    """Parse a 200 chat-completion body into a Reply; anything unusable is BadResponse."""
-    request_id = headers.get("x-request-id")
+def parse_base_url(base_url: str) -> yarl.URL:
+    """The base URL as aiohttp will read it, or ConfigError (the config validates too; this is the backstop)."""
+    shown = scrub(base_url)
     try:
-        data = json.loads(content)
-        choice = data["choices"][0]
-        message = choice["message"]
-        text = message.get("content")
-        usage = Usage(**{k: int(v or 0) for k, v in (data.get("usage") or {}).items() if k in Usage.model_fields})
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        what = "no choices" if isinstance(exc, IndexError) else f"malformed completion ({type(exc).__name__})"
-        raise BadResponse(f"HTTP 200 but {what}", status=200, request_id=request_id) from exc
-    finish = choice.get("finish_reason")
-    if text is None and finish != "content_filter":
-        raise BadResponse("HTTP 200 but the message has no content", status=200, request_id=request_id)
-    return Reply(
-        text=text or "",
-        usage=usage,
-        finish_reason=finish,
-        latency_s=latency_s,
-        rate=parse_rate_headers(headers),
-        request_id=request_id,
-        model=data.get("model"),
-    )
+        url = yarl.URL(base_url.rstrip("/"))
+        url.port  # noqa: B018 — yarl checks the port range lazily
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"bad teacher base_url {shown!r}: {exc}") from exc
+    if (
+        url.scheme not in ("http", "https")
+        or not url.raw_host
+        or any(c.isspace() for c in url.raw_host)
+        or url.port == 0
+    ):
+        raise ConfigError(f"bad teacher base_url {shown!r}: expected http(s)://host[:port]/path")
+    return url
 
 
-def check_finish(reply: Reply) -> None:
-    """Raise Truncated / ContentFiltered for a reply that ended on length or the content filter."""
-    if reply.finish_reason == "length":
-        raise Truncated(f"answer cut at {reply.usage.completion_tokens} tokens", request_id=reply.request_id)
-    if reply.finish_reason == "content_filter":
-        raise ContentFiltered("answer stopped by the content filter", request_id=reply.request_id)
-
-
-class _Pools:
-    """The lean path's connections: several small httpx2 transports, used in turn. httpcore2's pool does work
-    in proportion to its connections on every request (it scans them all, probing idle sockets), so one pool
-    with hundreds of requests in flight costs twice the CPU per request of a pool of 32 (bench/RESULTS.md);
-    small pools keep the cost flat however many requests are in flight."""
-
-    def __init__(self, max_connections: int):
-        n = max(1, math.ceil(max_connections / POOL_CONNECTIONS))
-        per = math.ceil(max_connections / n)
-        limits = httpx2.Limits(max_connections=per, max_keepalive_connections=per)
-        ssl_context = httpx2.create_ssl_context()  # one, shared: loading the CA bundle per pool is slow
-        self.transports = [httpx2.AsyncHTTPTransport(verify=ssl_context, limits=limits) for _ in range(n)]
-        self._turn = itertools.cycle(self.transports)
-
-    async def send(self, request: httpx2.Request) -> tuple[int, httpx2.Headers, bytes]:
-        response = await next(self._turn).handle_async_request(request)
+def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """Verification with hostname check: the system CAs (or `SSL_CERT_FILE`/`SSL_CERT_DIR`, which OpenSSL reads
+    in place of them), plus `ca_bundle` (a file or a directory of PEM certificates) when given."""
+    context = ssl.create_default_context()
+    if ca_bundle:
         try:
-            content = await response.aread()
-        finally:
-            await response.aclose()
-        return response.status_code, response.headers, content
-
-    async def aclose(self) -> None:
-        for transport in self.transports:
-            await transport.aclose()
-
-
-def _proxied(url: str) -> bool:
-    """Whether the proxy environment (HTTP(S)_PROXY / ALL_PROXY, minus NO_PROXY) sends `url` through a proxy."""
-    parts = urlsplit(url)
-    proxies = urllib.request.getproxies()
-    if not (proxies.get(parts.scheme) or proxies.get("all")):
-        return False
-    return not urllib.request.proxy_bypass(parts.hostname or "")
+            if os.path.isdir(ca_bundle):
+                context.load_verify_locations(capath=ca_bundle)
+            else:
+                context.load_verify_locations(cafile=ca_bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load ca_bundle {ca_bundle!r}: {exc}") from exc
+    return context
 
 
-def _error_body(content: bytes) -> object:
-    """An error response's body as the SDK would hand it over: parsed JSON, else the text."""
-    try:
-        return json.loads(content)
-    except ValueError:
-        return content.decode("utf-8", "replace")
+def _causes(exc: BaseException | None) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
 
 
 class TeacherClient:
@@ -208,59 +133,70 @@ class TeacherClient:
         api_key: str | None = None,
         timeout: float = 120.0,
         max_connections: int = 1000,
-        http_client: httpx2.AsyncClient | None = None,
-        transport: Literal["wire", "httpx", "sdk"] = "wire",
+        transport: Literal["aiohttp", "sdk"] = "aiohttp",
+        ca_bundle: str | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ):
         if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
-        self.base_url = base_url.rstrip("/")
+            raise ConfigError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
+        url = parse_base_url(base_url)
+        # the configured key is the credential: userinfo in the URL is dropped, and treated as a secret
+        self._secrets = tuple(s for s in (api_key, url.password, url.user) if s)
+        url = url.with_user(None)
+        self.base_url = str(url)
         self.transport = transport
         self._api_key = api_key
-        self._owns_http = http_client is None
-        self._timeout = httpx2.Timeout(timeout, connect=min(timeout, 10.0))
-        self._http = http_client or httpx2.AsyncClient(
-            timeout=self._timeout,
-            limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        )
-        self._sdk_client: Any = None  # openai.AsyncOpenAI, made on first use (`_sdk`)
         self._timeout_s = timeout
-        # the lean path's constant parts, built once: URL, headers (the key as a bearer token), timeouts
-        self._chat_url = httpx2.URL(self.base_url + "/chat/completions")
-        headers = [
-            ("Authorization", f"Bearer {api_key or NO_KEY}"),
-            ("Content-Type", "application/json"),
-            ("Accept", "application/json"),
-            ("User-Agent", f"imitate/{__version__}"),
-        ]
-        self._headers = [(name.encode(), value.encode()) for name, value in headers]
-        self._extensions = {"timeout": self._timeout.as_dict()}
-        # an owned client without proxies sends through our own connections (wire, or small httpx2 pools);
-        # otherwise through `http_client.send`, which applies whatever the caller (or the environment) configured
-        own = self._owns_http and not _proxied(self.base_url)
-        self._wire: WireClient | None = None
-        self._pools: _Pools | None = None
-        if own and transport == "wire":
-            self._wire = WireClient(
-                self.base_url,
-                [*headers, ("Accept-Encoding", "gzip, deflate")],  # what the wire decodes (httpx2 sends the same)
-                max_connections=max_connections,
-                connect_timeout=min(timeout, 10.0),
-                ssl_context=httpx2.create_ssl_context(),  # the CA bundle httpx2 and the SDK would use
-            )
-        elif own and transport == "httpx":
-            self._pools = _Pools(max_connections)
+        self._max_connections = max_connections
+        self._max_bytes = max_response_bytes
+        self._ssl = ssl_context(ca_bundle) if url.scheme == "https" or ca_bundle else None
+        self._ca_bundle = ca_bundle
+        self._chat_url = url / "chat/completions"
+        try:  # the proxy the environment asks for (NO_PROXY honoured), looked up once
+            self._proxy, self._proxy_auth = get_env_proxy_for_url(self._chat_url)
+        except LookupError:
+            self._proxy, self._proxy_auth = None, None
+        self._headers = {
+            "Authorization": f"Bearer {api_key or NO_KEY}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",
+            "User-Agent": f"imitate/{__version__}",
+        }
+        self._session: aiohttp.ClientSession | None = None
+        self._large_bodies: asyncio.Semaphore | None = None
+        self._sdk_client: Any = None  # openai.AsyncOpenAI, made on first use (`_sdk`)
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        """The session, made on first use because aiohttp binds it to the running loop."""
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            ssl=self._ssl or True,
+            keepalive_timeout=4.0,  # below uvicorn's 5 s idle close, so a reused connection is rarely dead
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s, sock_connect=min(self._timeout_s, 10.0)),
+            cookie_jar=aiohttp.DummyCookieJar(),  # a teacher's cookies are never wanted, and cost per request
+            read_bufsize=16 * 1024,  # a paused connection then holds ~32 KiB in aiohttp, not ~512 KiB (measured)
+        )
+        self._large_bodies = asyncio.Semaphore(max(1, LARGE_BODY_BUDGET // max(self._max_bytes, FREE_BODY_BYTES)))
+        return self._session
 
     @property
     def _sdk(self) -> Any:
         if self._sdk_client is None:
             import openai
 
+            # the SDK brings its own HTTP client; it is only told about a configured CA bundle
+            http = openai.DefaultAsyncHttpxClient(verify=self._ssl) if self._ca_bundle else None
             self._sdk_client = openai.AsyncOpenAI(
                 api_key=self._api_key or NO_KEY,
                 base_url=self.base_url,
                 timeout=self._timeout_s,
                 max_retries=0,
-                http_client=self._http,
+                http_client=http,
             )
         return self._sdk_client
 
@@ -271,12 +207,12 @@ class TeacherClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._wire is not None:
-            await self._wire.aclose()
-        if self._pools is not None:
-            await self._pools.aclose()
-        if self._owns_http:  # an injected client belongs to whoever made it
-            await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        if self._sdk_client is not None:
+            await self._sdk_client.close()
+            self._sdk_client = None
 
     # ------------------------------------------------------------------------------------------ chat
 
@@ -287,100 +223,152 @@ class TeacherClient:
         body.update(params.api_kwargs())
         start = time.perf_counter()
         content, headers = await self._send(body, extra)
-        return reply_from_body(content, headers, time.perf_counter() - start)
+        return reply_from_body(content, headers, time.perf_counter() - start, secrets=self._secrets)
 
     async def _send(self, body: dict[str, Any], extra: dict[str, Any] | None) -> tuple[bytes, Mapping[str, str]]:
         """POST one completion; (raw body, headers) of the 200 or a TeacherError."""
         if self.transport == "sdk":
             return await self._send_sdk(body, extra)
-        return await self._send_lean(body, extra)
+        return await self._send_aiohttp(body, extra)
+
+    async def _send_aiohttp(
+        self, body: dict[str, Any], extra: dict[str, Any] | None
+    ) -> tuple[bytes, Mapping[str, str]]:
+        payload = _encode({**body, **extra} if extra else body).encode()
+        session = self._session or self._open_session()
+        try:
+            response = await session.post(
+                self._chat_url, data=payload, allow_redirects=False, proxy=self._proxy, proxy_auth=self._proxy_auth
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._transport_error(exc) from exc
+        status = response.status
+        try:
+            if 200 <= status < 300:
+                content = await self._read(response, self._max_bytes)
+                if content is None:
+                    raise self._too_large(response)
+                return content, response.headers
+            if 300 <= status < 400:
+                where = scrub(response.headers.get("Location", "nowhere"), *self._secrets)
+                raise BadRequest(
+                    f"teacher answered HTTP {status} redirect to {where}; set base_url to the final URL",
+                    status=status,
+                )
+            content = await self._read(response, ERROR_BODY_BYTES)
+            body = error_body(content) if content is not None else f"(an error body over {ERROR_BODY_BYTES} bytes)"
+            raise error_for_status(status, response.headers, body, secrets=self._secrets, chat=True)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._body_error(exc, status) from exc
+        finally:
+            response.close()  # a no-op once the body was read in full (the connection is back in the pool)
+
+    async def _read(self, response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+        """The decoded body, or None once it passes `limit` (the caller closes the connection). Past
+        FREE_BODY_BYTES a response waits for a share of LARGE_BODY_BUDGET before reading on (its connection
+        pauses meanwhile), so many huge answers at once cost the budget, not connections x limit. Chunks are
+        kept as they come and joined once: growing one buffer reallocates, and glibc keeps freed blocks in RSS."""
+        content = response.content
+        chunks: list[bytes] = []
+        size, slot = 0, False
+        try:
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > limit:
+                    return None
+                if not slot and size > FREE_BODY_BYTES:
+                    assert self._large_bodies is not None
+                    await self._large_bodies.acquire()
+                    slot = True
+                chunks.append(chunk)
+        finally:
+            if slot:
+                self._large_bodies.release()  # type: ignore[union-attr]
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _too_large(self, response: aiohttp.ClientResponse) -> BadResponse:
+        """Not retryable: a server that sent an endless or inflating body once would send it again, and the
+        teacher may bill each attempt."""
+        exc = BadResponse(
+            f"HTTP {response.status} body over max_response_bytes={self._max_bytes} decoded bytes; not retried",
+            status=response.status,
+            hint="raise harvest.teachers.N.max_response_bytes if answers this large are expected",
+        )
+        exc.retryable = False  # type: ignore[misc]
+        return exc
+
+    def _transport_error(self, exc: BaseException, what: str = "chat completion") -> TeacherError:
+        """The one translation of an aiohttp failure before a response arrived."""
+        detail = scrub(f"{type(exc).__name__}: {exc}", *self._secrets)
+        if isinstance(exc, aiohttp.ClientSSLError):
+            hint = "set the teacher's ca_bundle (or SSL_CERT_FILE) to the CA that signed its certificate"
+            return TLSFailure(f"{what}: TLS with {self.base_url} failed ({detail})", hint=hint)
+        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+            return ConnectFailed(f"{what}: cannot connect to {self.base_url} ({detail})")
+        if isinstance(exc, TimeoutError):
+            return NetworkError(f"{what}: timed out talking to {self.base_url}")
+        return NetworkError(f"{what}: connection to {self.base_url} failed ({detail})")
+
+    def _body_error(self, exc: BaseException, status: int) -> TeacherError:
+        """A failure while reading a response that had arrived: undecodable is the server's fault, else network."""
+        if isinstance(exc, aiohttp.ClientPayloadError) and "encoding" in str(exc).lower():
+            detail = scrub(str(exc), *self._secrets)
+            return BadResponse(f"HTTP {status} with an undecodable body ({detail})", status=status)
+        if isinstance(exc, TimeoutError):
+            return NetworkError(f"chat completion: timed out reading the answer from {self.base_url}")
+        detail = scrub(f"{type(exc).__name__}: {exc}", *self._secrets)
+        return NetworkError(f"chat completion: answer from {self.base_url} cut short ({detail})")
 
     async def _send_sdk(self, body: dict[str, Any], extra: dict[str, Any] | None) -> tuple[bytes, Mapping[str, str]]:
+        raw = await self._call_sdk(
+            "chat completion", lambda sdk: sdk.chat.completions.with_raw_response.create(**body, extra_body=extra)
+        )
+        return raw.http_response.content, raw.http_response.headers
+
+    async def _call_sdk(self, what: str, call: Callable[[Any], Awaitable[T]]) -> T:
         import openai
 
         try:
-            raw = await self._sdk.chat.completions.with_raw_response.create(**body, extra_body=extra)
+            return await call(self._sdk)
         except openai.OpenAIError as exc:
-            raise self._translate(exc, "chat completion") from exc
-        return raw.http_response.content, raw.http_response.headers
-
-    async def _send_lean(self, body: dict[str, Any], extra: dict[str, Any] | None) -> tuple[bytes, Mapping[str, str]]:
-        """The same POST without the SDK: the errors are those the SDK path maps to (timeouts and connection
-        failures -> NetworkError, statuses through `error_for_status`)."""
-        payload = json.dumps({**body, **extra} if extra else body, ensure_ascii=False, separators=(",", ":")).encode()
-        post = self._post_wire if self._wire is not None else self._post_httpx
-        status, headers, content = await post(payload)
-        if not 200 <= status < 300:
-            raise error_for_status(status, headers, _error_body(content), api_key=self._api_key)
-        return content, headers
-
-    async def _post_wire(self, payload: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        assert self._wire is not None
-        try:
-            return await self._wire.post("chat/completions", payload, timeout=self._timeout_s)
-        except WireError as exc:
-            if exc.response is not None:  # answered in full, but the body cannot be decoded: not a network error
-                status, headers, _ = exc.response
-                if 200 <= status < 300:
-                    raise BadResponse(f"HTTP {status} but {exc}", status=status) from exc
-                raise error_for_status(status, headers, str(exc), api_key=self._api_key) from exc
-            if exc.timeout:
-                raise NetworkError(f"chat completion: timed out talking to {self.base_url} ({exc})") from exc
-            detail = _scrub(str(exc), self._api_key)
-            raise NetworkError(f"chat completion: connection to {self.base_url} failed ({detail})") from exc
-
-    async def _post_httpx(self, payload: bytes) -> tuple[int, Mapping[str, str], bytes]:
-        request = httpx2.Request(
-            "POST", self._chat_url, headers=self._headers, content=payload, extensions=self._extensions
-        )
-        try:
-            if self._pools is not None:
-                return await self._pools.send(request)
-            response = await self._http.send(request)
-            return response.status_code, response.headers, response.content
-        except httpx2.TimeoutException as exc:
-            raise NetworkError(f"chat completion: timed out talking to {self.base_url}") from exc
-        except (httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError) as exc:
-            detail = _scrub(f"{type(exc).__name__}: {exc}", self._api_key)
-            raise NetworkError(f"chat completion: connection to {self.base_url} failed ({detail})") from exc
+            raise self._translate(exc, what) from exc
 
     def _translate(self, exc: Exception, what: str) -> TeacherError:
         import openai
 
         if isinstance(exc, openai.APIStatusError):
-            return error_for_status(exc.status_code, exc.response.headers, exc.body, api_key=self._api_key)
+            return error_for_status(
+                exc.status_code, exc.response.headers, exc.body, secrets=self._secrets, chat=what == "chat completion"
+            )
         if isinstance(exc, openai.APITimeoutError):
             return NetworkError(f"{what}: timed out talking to {self.base_url}")
         if isinstance(exc, openai.APIConnectionError):
-            cause = exc.__cause__ or exc.__context__
-            detail = _scrub(f"{type(cause).__name__}: {cause}" if cause else str(exc), self._api_key)
+            chain = _causes(exc.__cause__ or exc.__context__)
+            cause = chain[0] if chain else exc
+            detail = scrub(f"{type(cause).__name__}: {cause}", *self._secrets)
+            if any(isinstance(c, ssl.SSLError) for c in chain):
+                return TLSFailure(f"{what}: TLS with {self.base_url} failed ({detail})")
+            if any(type(c).__name__ == "ConnectError" for c in chain):  # httpx2's, not imported here
+                return ConnectFailed(f"{what}: cannot connect to {self.base_url} ({detail})")
             return NetworkError(f"{what}: connection to {self.base_url} failed ({detail})")
-        return BadResponse(_scrub(f"{what}: {type(exc).__name__}: {exc}", self._api_key))
+        return BadResponse(scrub(f"{what}: {type(exc).__name__}: {exc}", *self._secrets))
 
     # ------------------------------------------------------------------------------------------ models, batches
 
     async def list_models(self) -> list[str]:
-        import openai
-
-        try:
-            page = await self._sdk.models.list()
-        except openai.OpenAIError as exc:
-            raise self._translate(exc, "list models") from exc
+        page = await self._call_sdk("list models", lambda sdk: sdk.models.list())
         return [model.id for model in page.data]
 
     async def upload_batch_file(self, path: str | Path) -> str:
         """Upload a batch input JSONL (purpose "batch"); returns the file id."""
-        import openai
-
         path = Path(path)
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise InputError(f"cannot read batch file {path}: {exc.strerror}") from exc
-        try:
-            uploaded = await self._sdk.files.create(file=(path.name, data), purpose="batch")
-        except openai.OpenAIError as exc:
-            raise self._translate(exc, "upload batch file") from exc
+        uploaded = await self._call_sdk(
+            "upload batch file", lambda sdk: sdk.files.create(file=(path.name, data), purpose="batch")
+        )
         return uploaded.id
 
     async def create_batch(
@@ -392,42 +380,23 @@ class TeacherClient:
         metadata: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Start a batch; returns the batch object as a plain dict (id, status, output_file_id, ...)."""
-        import openai
-
-        try:
-            batch = await self._sdk.batches.create(
-                input_file_id=file_id,
-                endpoint=endpoint,  # type: ignore[arg-type]
-                completion_window=completion_window,  # type: ignore[arg-type]
-                **({"metadata": metadata} if metadata else {}),
-            )
-        except openai.OpenAIError as exc:
-            raise self._translate(exc, "create batch") from exc
+        options = {"metadata": metadata} if metadata else {}
+        batch = await self._call_sdk(
+            "create batch",
+            lambda sdk: sdk.batches.create(
+                input_file_id=file_id, endpoint=endpoint, completion_window=completion_window, **options
+            ),
+        )
         return batch.model_dump(mode="json")
 
     async def get_batch(self, batch_id: str) -> dict[str, Any]:
-        import openai
-
-        try:
-            batch = await self._sdk.batches.retrieve(batch_id)
-        except openai.OpenAIError as exc:
-            raise self._translate(exc, f"get batch {batch_id}") from exc
+        batch = await self._call_sdk(f"get batch {batch_id}", lambda sdk: sdk.batches.retrieve(batch_id))
         return batch.model_dump(mode="json")
 
     async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
-        import openai
-
-        try:
-            batch = await self._sdk.batches.cancel(batch_id)
-        except openai.OpenAIError as exc:
-            raise self._translate(exc, f"cancel batch {batch_id}") from exc
+        batch = await self._call_sdk(f"cancel batch {batch_id}", lambda sdk: sdk.batches.cancel(batch_id))
         return batch.model_dump(mode="json")
 
     async def download_file(self, file_id: str) -> bytes:
-        import openai
-
-        try:
-            response = await self._sdk.files.content(file_id)
-        except openai.OpenAIError as exc:
-            raise self._translate(exc, f"download file {file_id}") from exc
+        response = await self._call_sdk(f"download file {file_id}", lambda sdk: sdk.files.content(file_id))
         return response.content

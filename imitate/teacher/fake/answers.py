@@ -23,34 +23,48 @@ NAMED_FAULTS = {
     "context": "400 context_length_exceeded",
     "policy": "400 content_policy_violation",
     "auth": "401 invalid_api_key",
+    "nomodel": "404 model_not_found",
+    "redirect": "307 to another URL (clients must not follow a POST)",
+    "endless": "200 with a chunked body that never ends",
+    "bomb": "200 with a 1 MB gzip body that inflates to 1 GiB",
 }
-_CONNECTION_FAULTS = {"reset", "hang", "slow", "malformed"}
-_FAULT_MARK = re.compile(r"\[\[fault:([a-z]+|\d{3})(?:x(\d+))?\]\]")
+CONNECTION_FAULTS = {"reset", "hang", "slow", "malformed", "endless", "bomb"}  # in a batch: a 500 for that line
+FAULT_MARK = re.compile(r"\[\[fault:([a-z]+|\d{3})(?:x(\d+))?\]\]")
 _LEN_MARK = re.compile(r"\[\[len:(\d+)\]\]")
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9'-]{3,}")
 _STOP = frozenset("what which when where that this with from does have about into your during there".split())  # noqa: SIM905
 
 
+def _option(default: Any, help: str) -> Any:
+    """A FakeConfig field with its help text: `python -m imitate.teacher.fake --help` is built from these."""
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class FakeConfig:
-    model: str = "fake-teacher"
-    rpm: int | None = None
-    tpm: int | None = None
-    headers: bool = True  # False: no x-ratelimit-* and no retry-after, like vLLM / llama.cpp
-    faults: dict[str, float] = dataclasses.field(default_factory=dict)
-    seed: int = 0
-    latency_s: float = 0.0
-    jitter_s: float = 0.0
-    sentences: int = 4
-    api_key: str | None = None  # when set, requests must send `Authorization: Bearer <api_key>`
-    hang_s: float = 3600.0
-    slow_s: float = 0.5
-    retry_after_s: float = 0.05  # what a scripted 429 asks the client to wait
-    batch_delay_s: float = 0.05  # pause before each batch state change
-    default_max_tokens: int = 1024  # TPM charge for a request without max_tokens
+    """Every option of the fake teacher, defined here once (FakeTeacher, FakeTeacherServer, `serve` and the
+    command line all take these names)."""
+
+    model: str = _option("fake-teacher", "model id reported by /v1/models and in answers")
+    rpm: int | None = _option(None, "requests-per-minute token bucket (none: unlimited)")
+    tpm: int | None = _option(None, "tokens-per-minute token bucket (none: unlimited)")
+    headers: bool = _option(True, "send x-ratelimit-* and retry-after (off: like vLLM / llama.cpp)")
+    faults: dict[str, float] = _option({}, "random faults, e.g. 500=0.02,reset=0.01 (a dict or that text)")
+    seed: int = _option(0, "seed of the random faults and jitter")
+    latency_s: float = _option(0.0, "seconds before every answer")
+    jitter_s: float = _option(0.0, "extra uniform random seconds before every answer")
+    sentences: int = _option(4, "body sentences per answer")
+    api_key: str | None = _option(None, "when set, requests must send `Authorization: Bearer <api_key>`")
+    hang_s: float = _option(3600.0, "how long the hang fault waits")
+    slow_s: float = _option(0.5, "how long the slow fault takes to send a body")
+    retry_after_s: float = _option(0.05, "what a scripted 429 asks the client to wait")
+    batch_delay_s: float = _option(0.05, "pause before each batch state change")
+    default_max_tokens: int = _option(1024, "TPM charge for a request without max_tokens")
 
     def __post_init__(self) -> None:
-        self.faults = check_faults(self.faults)
+        self.faults = parse_faults(self.faults) if isinstance(self.faults, str) else check_faults(self.faults)
 
 
 def parse_faults(text: str | None) -> dict[str, float]:
@@ -98,14 +112,14 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return sum(estimate_tokens(_text(m.get("content"))) + 4 for m in messages)
 
 
-def _digest(messages: list[dict[str, Any]]) -> bytes:
+def digest(messages: list[dict[str, Any]]) -> bytes:
     """A hash of roles and contents: cheaper than canonical JSON, and the answer depends on nothing else."""
     return hashlib.sha256(
         "\x00".join(f"{m.get('role')}\x01{_text(m.get('content'))}" for m in messages).encode()
     ).digest()
 
 
-def _last_user(messages: list[dict[str, Any]]) -> str:
+def last_user(messages: list[dict[str, Any]]) -> str:
     return next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
 
 
@@ -128,22 +142,22 @@ _STEPS = (
 def fake_answer(messages: list[dict[str, Any]], sentences: int = 4) -> str:
     """A deterministic step-by-step explanation that quotes the question and follows the system style."""
     system = " ".join(_text(m.get("content")) for m in messages if m.get("role") == "system").lower()
-    question = _last_user(messages)
+    question = last_user(messages)
     if marker := _LEN_MARK.search(question):
         sentences = int(marker.group(1))
     if "brief" in system or "concise" in system:
         sentences = min(sentences, 2)
-    question = " ".join(_LEN_MARK.sub("", _FAULT_MARK.sub("", question)).split())
-    digest = _digest(messages)
+    question = " ".join(_LEN_MARK.sub("", FAULT_MARK.sub("", question)).split())
+    hashed = digest(messages)
     words = list(dict.fromkeys(w for w in _WORD.findall(question) if w.lower() not in _STOP))
     words += ["the idea", "the details", "the result"][len(words) :]
     topic = question if len(question) <= 70 else question[:70].rsplit(" ", 1)[0]
-    parts = [_OPENERS[digest[0] % len(_OPENERS)], f'The question is "{topic.rstrip("?.! ")}".']
+    parts = [_OPENERS[hashed[0] % len(_OPENERS)], f'The question is "{topic.rstrip("?.! ")}".']
     if "child" in system or "simple" in system:
         parts.append("Think of it like explaining to a friend, one small idea at a time.")
     for i in range(sentences):
-        a, b, c = (words[(digest[1 + i + j] + j) % len(words)] for j in range(3))
-        step = _STEPS[(digest[1] + i) % len(_STEPS)].format(a=a, b=b, c=c)
+        a, b, c = (words[(hashed[(1 + i + j) % len(hashed)] + j) % len(words)] for j in range(3))
+        step = _STEPS[(hashed[1] + i) % len(_STEPS)].format(a=a, b=b, c=c)
         parts.append(f"Step {i + 1}: {step}" if "step" in system else step)
     parts.append(f"So, in short: it comes down to {words[0]} and {words[1]}.")
     return " ".join(parts)

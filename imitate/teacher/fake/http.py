@@ -1,5 +1,7 @@
-"""The fake teacher's wire: a plain asyncio HTTP/1.1 protocol (keep-alive, Content-Length bodies), its
-request and response types, OpenAI-style error bodies, and multipart/form-data parsing for file uploads."""
+"""The fake teacher's HTTP/1.1 server side: an asyncio protocol (keep-alive, Content-Length request bodies,
+write flow control), its request and response types, OpenAI-style error bodies, and multipart/form-data parsing
+for file uploads. It knows the application only through the `Server` protocol below, so it imports nothing
+of the rest of the fake."""
 
 from __future__ import annotations
 
@@ -9,16 +11,13 @@ import json
 import re
 from collections.abc import Awaitable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from imitate.teacher.fake.app import FakeTeacher
+from typing import Any, Protocol
 
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
 @dataclasses.dataclass
-class _Request:
+class Request:
     method: str
     path: str
     headers: dict[str, str]
@@ -27,7 +26,7 @@ class _Request:
 
 
 @dataclasses.dataclass
-class _Response:
+class Response:
     status: int
     body: bytes
     headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -35,64 +34,93 @@ class _Response:
     counted: bool = True  # False for /fake/*: stats describe teacher traffic only
 
 
-def _error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
+class Server(Protocol):
+    """What a connection needs from the application (FakeTeacher)."""
+
+    conns: set[Connection]
+
+    def handle(self, req: Request, conn: Connection) -> Response | Awaitable[Response | None]: ...
+
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Task: ...
+
+    def count_status(self, status: int) -> None: ...
+
+
+def error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
-def _json(status: int, obj: Any, headers: list[tuple[str, str]] | None = None) -> _Response:
-    return _Response(status, json.dumps(obj, separators=(",", ":")).encode(), headers or [])
+def json_response(status: int, obj: Any, headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(status, json.dumps(obj, separators=(",", ":")).encode(), headers or [])
 
 
-def _invalid(status: int, message: str) -> _Response:
-    return _json(status, _error_body(message, "invalid_request_error"))
+def invalid(status: int, message: str) -> Response:
+    return json_response(status, error_body(message, "invalid_request_error"))
 
 
-class _Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection. Requests are answered in order; a slow one pauses parsing."""
 
-    def __init__(self, app: FakeTeacher):
-        self.app = app
+    def __init__(self, server: Server):
+        self.server = server
         self.buf = bytearray()
         self.task: asyncio.Task | None = None
         self.transport: asyncio.Transport | None = None
+        self._writable = asyncio.Event()  # cleared while the peer is not reading (pause_writing)
+        self._writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.app._conns.add(self)
+        self.server.conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.app._conns.discard(self)
+        self.server.conns.discard(self)
+        self._writable.set()  # wake a writer so it sees the connection is gone
         if self.task is not None:
             self.task.cancel()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    @property
+    def open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    async def drain(self) -> None:
+        """Wait until the peer has read enough: an endless or huge body must not pile up in our buffers."""
+        await self._writable.wait()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if self.task is None:
-            self._drain()
+            self._drain_requests()
 
-    def _drain(self) -> None:
-        while self.task is None and self.transport and not self.transport.is_closing():
+    def _drain_requests(self) -> None:
+        while self.task is None and self.open:
             try:
                 request = self._parse()
             except ValueError:
-                self.write(_invalid(400, "malformed HTTP request"), keep_alive=False)
+                self.write(invalid(400, "malformed HTTP request"), keep_alive=False)
                 return
             if request is None:
                 return
-            result = self.app._handle(request, self)
-            if isinstance(result, _Response):
+            result = self.server.handle(request, self)
+            if isinstance(result, Response):
                 self.write(result, request.keep_alive)
             else:
-                self.task = self.app._spawn(self._finish(result, request.keep_alive))
+                self.task = self.server.spawn(self._finish(result, request.keep_alive))
 
-    async def _finish(self, pending: Awaitable[_Response | None], keep_alive: bool) -> None:
+    async def _finish(self, pending: Awaitable[Response | None], keep_alive: bool) -> None:
         response = await pending
         if response is not None:
             self.write(response, keep_alive)
         self.task = None
-        self._drain()
+        self._drain_requests()
 
-    def _parse(self) -> _Request | None:
+    def _parse(self) -> Request | None:
         end = self.buf.find(b"\r\n\r\n")
         if end < 0:
             return None
@@ -103,39 +131,40 @@ class _Connection(asyncio.Protocol):
             key, _, value = line.partition(":")
             headers[key.strip().lower()] = value.strip()
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            raise ValueError("chunked bodies are not supported")  # the SDK always sends a length
+            raise ValueError("chunked bodies are not supported")  # every client we serve sends a length
         size = int(headers.get("content-length", "0"))
         if len(self.buf) < end + 4 + size:
             return None
         body = bytes(self.buf[end + 4 : end + 4 + size])
         del self.buf[: end + 4 + size]
         keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        return _Request(method, target.split("?", 1)[0], headers, body, keep_alive)
+        return Request(method, target.split("?", 1)[0], headers, body, keep_alive)
 
-    def head(self, response: _Response, keep_alive: bool) -> bytes:
+    def head(self, response: Response, keep_alive: bool, *, chunked: bool = False) -> bytes:
+        """Status line and headers; the body is framed by its length, or chunked when it is sent as a stream."""
         lines = [
             f"HTTP/1.1 {response.status} {_PHRASES.get(response.status, '')}",
             f"content-type: {response.content_type}",
+            "transfer-encoding: chunked" if chunked else f"content-length: {len(response.body)}",
         ]
-        lines.append(f"content-length: {len(response.body)}")
         lines += [f"{k}: {v}" for k, v in response.headers]
         if not keep_alive:
             lines.append("connection: close")
         if response.counted:
-            self.app._count_status(response.status)
+            self.server.count_status(response.status)
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def write_raw(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        if self.open:
+            self.transport.write(data)  # type: ignore[union-attr]
 
-    def write(self, response: _Response, keep_alive: bool) -> None:
+    def write(self, response: Response, keep_alive: bool) -> None:
         self.write_raw(self.head(response, keep_alive) + response.body)
         if not keep_alive and self.transport is not None:
             self.transport.close()
 
 
-def _multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
+def multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
     boundary = re.search(r'boundary="?([^";]+)"?', content_type)
     if not boundary:
         raise ValueError("no multipart boundary")

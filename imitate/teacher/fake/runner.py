@@ -14,12 +14,14 @@ import signal
 import subprocess
 import sys
 import threading
+import types
+import typing
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 from imitate.errors import ConfigError
-from imitate.teacher.fake.answers import FakeConfig, parse_faults
+from imitate.teacher.fake.answers import FakeConfig
 from imitate.teacher.fake.app import FakeTeacher
 
 
@@ -126,20 +128,12 @@ def running_fake_teacher(*, process: bool = True, **options: Any) -> Iterator[st
         yield server.base_url
 
 
-async def serve(
-    host: str = "127.0.0.1",
-    port: int = 8089,
-    rpm: int | None = None,
-    tpm: int | None = None,
-    faults: str | dict[str, float] | None = None,
-    latency: float = 0.0,
-    headers: bool = True,
-    seed: int = 0,
-    **options: Any,
-) -> None:
-    """Serve until SIGTERM or cancellation; prints `fake teacher listening on <base_url>` once accepting."""
-    faults = parse_faults(faults) if isinstance(faults, str) else dict(faults or {})
-    fake = FakeTeacher(rpm=rpm, tpm=tpm, faults=faults, latency_s=latency, headers=headers, seed=seed, **options)
+async def serve(host: str = "127.0.0.1", port: int = 8089, **options: Any) -> None:
+    """Serve until SIGTERM or cancellation; prints `fake teacher listening on <base_url>` once accepting.
+    `options` are FakeConfig's fields (`latency` is read as `latency_s`: the name imitate/cli.py passes)."""
+    if "latency" in options:
+        options["latency_s"] = options.pop("latency")
+    fake = FakeTeacher(**options)
     stopping = asyncio.Event()
     with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows loops
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
@@ -156,33 +150,40 @@ async def serve(
 
 def serve_forever(host: str = "127.0.0.1", port: int = 8089, **options: Any) -> None:
     """`serve(host, port, **options)` in its own event loop until SIGINT/SIGTERM (for callers without one, like
-    `main`). The options are `serve`'s, listed there once."""
+    `main`)."""
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(host, port, **options))
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
+    """One flag per FakeConfig field (`latency_s` -> `--latency-s`; a unique prefix such as `--latency` works)."""
     parser = argparse.ArgumentParser(prog="python -m imitate.teacher.fake", description=_description())
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8089)
-    parser.add_argument("--rpm", type=int)
-    parser.add_argument("--tpm", type=int)
-    parser.add_argument("--faults", help="e.g. 500=0.02,reset=0.01")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds before every answer")
-    parser.add_argument("--jitter", type=float, default=0.0, help="extra uniform random seconds")
-    parser.add_argument("--no-headers", action="store_true", help="no x-ratelimit-* or retry-after (like vLLM)")
-    parser.add_argument("--seed", type=int, default=0)
+    hints = typing.get_type_hints(FakeConfig)
+    for field in dataclasses.fields(FakeConfig):
+        flag, kind = "--" + field.name.replace("_", "-"), hints[field.name]
+        if isinstance(kind, types.UnionType):  # `int | None` -> int
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        kwargs: dict[str, Any] = {"help": field.metadata.get("help"), "default": argparse.SUPPRESS}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:  # a dict (faults) is given as text and parsed by FakeConfig
+            kwargs["type"] = str if typing.get_origin(kind) is dict else kind
+        parser.add_argument(flag, **kwargs)
     parser.add_argument("--config-json", help="all FakeConfig fields as JSON (used by FakeTeacherServer)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = vars(parser.parse_args(argv))
+    host, port, config_json = args.pop("host"), args.pop("port"), args.pop("config_json")
     try:
-        options = json.loads(args.config_json) if args.config_json else {"faults": parse_faults(args.faults)}
-        if not args.config_json:
-            options |= {"rpm": args.rpm, "tpm": args.tpm, "seed": args.seed, "headers": not args.no_headers}
-            options |= {"latency_s": args.latency, "jitter_s": args.jitter}
-        config = dataclasses.asdict(FakeConfig(**options))
-        serve_forever(args.host, args.port, latency=config.pop("latency_s"), **config)
+        config = FakeConfig(**(json.loads(config_json) if config_json else args))
     except ConfigError as exc:
         parser.exit(2, exc.one_line() + "\n")
+    serve_forever(host, port, **dataclasses.asdict(config))
 
 
 def _description() -> str:
