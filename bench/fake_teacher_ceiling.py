@@ -7,11 +7,15 @@ its GIL. Three load generators, each run alone for the same duration with varied
 
 - raw:     pre-encoded HTTP/1.1 requests over plain asyncio sockets, the cheapest possible client, so the
            number is the server's ceiling;
-- httpx2:  httpx2.AsyncClient posting JSON, what a lean raw path in the client would cost;
-- teacher-wire / -httpx / -sdk: imitate.teacher.client.TeacherClient on each transport (`wire`, the default, is
-           imitate's own HTTP/1.1 client; `sdk` is the openai SDK's raw-response API).
+- aiohttp: a bare aiohttp.ClientSession posting JSON and decoding the answer, what the transport alone costs;
+- teacher-aiohttp / teacher-sdk: imitate.teacher.client.TeacherClient on each transport (`aiohttp`, the default;
+           `sdk`, the openai SDK's raw-response API).
 
 The machine may be shared: "req/s per server core" (rate / server CPU share) is the number that survives noise.
+
+`--hostile endless|bomb|endless,bomb` measures instead what hostile answers cost the client: 256 concurrent
+requests whose answers never end (`endless`) or inflate to 1 GiB (`bomb`), against one TeacherClient at its
+default `max_response_bytes`; prints the rows' outcomes and the client's peak RSS growth (/proc, every 20 ms).
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import httpx2
-from benchutil import cpu_seconds
+import aiohttp
+from benchutil import cpu_seconds, rss_mb
 
+from imitate.errors import TeacherError
 from imitate.records import GenerationParams, Message
 from imitate.teacher.client import TeacherClient
 from imitate.teacher.fake import FakeTeacherServer
@@ -87,14 +92,15 @@ async def raw_client(host: str, port: int, seconds: float, concurrency: int) -> 
     return rate
 
 
-async def httpx_client(base_url: str, seconds: float, concurrency: int) -> float:
-    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx2.AsyncClient(base_url=base_url, limits=limits, timeout=30) as http:
+async def aiohttp_client(base_url: str, seconds: float, concurrency: int) -> float:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
+        url = base_url + "/chat/completions"
 
         async def one(i: int) -> None:
-            response = await http.post("/chat/completions", json=_body(i))
-            response.raise_for_status()
-            response.json()
+            async with http.post(url, json=_body(i)) as response:
+                response.raise_for_status()
+                await response.json()
 
         return await _drive(seconds, concurrency, one)
 
@@ -110,21 +116,52 @@ async def teacher_client(base_url: str, seconds: float, concurrency: int, transp
         return await _drive(seconds, concurrency, one)
 
 
+async def hostile(base_url: str, faults: list[str], concurrency: int = 256) -> tuple[dict[str, int], float]:
+    """(outcome counts, peak RSS growth in MB) for `concurrency` requests cycling through `faults`."""
+    base = peak = rss_mb(os.getpid()) or 0.0
+    async with TeacherClient(base_url, timeout=120, max_connections=concurrency) as client:
+
+        async def one(i: int) -> str:
+            messages = [Message(role="user", content=f"q{i} [[fault:{faults[i % len(faults)]}]]")]
+            try:
+                await client.chat(messages, model="fake-teacher", params=GenerationParams())
+            except TeacherError as exc:
+                return type(exc).__name__
+            return "ok"
+
+        calls = asyncio.gather(*(one(i) for i in range(concurrency)))
+        while not calls.done():
+            peak = max(peak, rss_mb(os.getpid()) or 0.0)
+            await asyncio.wait([calls], timeout=0.02)
+    outcomes: dict[str, int] = {}
+    for outcome in calls.result():
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return outcomes, peak - base
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--hostile", metavar="FAULTS", help="e.g. endless,bomb: peak client RSS under those answers")
     args = parser.parse_args()
+    if args.hostile:  # one scenario per process: RSS a previous one left behind would hide this one's growth
+        with FakeTeacherServer(process=True) as server:
+            start = time.perf_counter()
+            outcomes, growth = asyncio.run(hostile(server.base_url, args.hostile.split(",")))
+            print(f"256 x {args.hostile}: {outcomes}, peak client RSS growth {growth:.0f} MB "
+                  f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
+        return
     print(f"fake teacher ceiling: {os.cpu_count()} cpus, {args.concurrency} keep-alive connections, "
           f"{args.seconds:g}s per client, server in its own process")  # fmt: skip
     with FakeTeacherServer(process=True) as server:
         host, port = server.base_url.split("//")[1].split("/")[0].split(":")
         clients = {
             "raw": lambda: raw_client(host, int(port), args.seconds, args.concurrency),
-            "httpx2": lambda: httpx_client(server.base_url, args.seconds, args.concurrency),
+            "aiohttp": lambda: aiohttp_client(server.base_url, args.seconds, args.concurrency),
             **{
                 f"teacher-{t}": (lambda t=t: teacher_client(server.base_url, args.seconds, args.concurrency, t))
-                for t in ("wire", "httpx", "sdk")
+                for t in ("aiohttp", "sdk")
             },
         }
         for name, client in clients.items():
@@ -135,7 +172,7 @@ def main() -> None:
             client_busy = (time.process_time() - client_cpu) / wall
             per_core = rate / server_busy if server_busy else float("nan")
             print(
-                f"  {name:13} {rate:6.0f} req/s   server cpu {server_busy:4.0%} ({per_core:5.0f} req/s per server core)"
+                f"  {name:15} {rate:6.0f} req/s   server cpu {server_busy:4.0%} ({per_core:5.0f} req/s per server core)"
                 f"   client cpu {client_busy:4.0%}"
             )
 
