@@ -7,8 +7,8 @@ one seam, `_send(body, extra) -> (raw 200 body, headers)`:
 
 - `transport="aiohttp"` (default): one pre-encoded JSON POST over an `aiohttp.ClientSession` (one per client,
   opened in the running loop). aiohttp is the fast transport the openai SDK itself offers (its `aiohttp`
-  extra): a C parser, TLS, proxies and decompression that are maintained elsewhere, for ~0.12 ms of client CPU
-  per request against ~1.6 ms through the SDK (bench/RESULTS.md, "Harvest overhead").
+  extra): a C parser, TLS, proxies and decompression that are maintained elsewhere, for ~0.09 ms of client CPU
+  per request against ~1 ms through the SDK (bench/RESULTS.md, "Fake teacher ceiling").
 - `transport="sdk"`: the openai SDK's raw-response API (so the rate-limit headers stay readable), for setups the
   SDK already handles and aiohttp does not (see the README: Azure-style gateways, exotic auth or proxies).
 
@@ -90,12 +90,8 @@ def parse_base_url(base_url: str) -> yarl.URL:
         url.port  # noqa: B018 — yarl checks the port range lazily
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"bad teacher base_url {shown!r}: {exc}") from exc
-    if (
-        url.scheme not in ("http", "https")
-        or not url.raw_host
-        or any(c.isspace() for c in url.raw_host)
-        or url.port == 0
-    ):
+    bad_host = not url.raw_host or any(c.isspace() for c in url.raw_host) or url.port == 0
+    if url.scheme not in ("http", "https") or bad_host:
         raise ConfigError(f"bad teacher base_url {shown!r}: expected http(s)://host[:port]/path")
     return url
 
@@ -116,6 +112,7 @@ def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
 
 
 def _causes(exc: BaseException | None) -> list[BaseException]:
+    """`exc` and what it was raised from, outermost first (the SDK wraps httpx2's errors, which wrap OSError)."""
     seen: list[BaseException] = []
     while exc is not None and exc not in seen:
         seen.append(exc)
@@ -303,6 +300,9 @@ class TeacherClient:
         if isinstance(exc, aiohttp.ClientSSLError):
             hint = "set the teacher's ca_bundle (or SSL_CERT_FILE) to the CA that signed its certificate"
             return TLSFailure(f"{what}: TLS with {self.base_url} failed ({detail})", hint=hint)
+        if isinstance(exc, aiohttp.ClientProxyConnectionError):
+            where = scrub(str(self._proxy), *self._secrets)
+            return ConnectFailed(f"{what}: cannot connect to the proxy {where} for {self.base_url} ({detail})")
         if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
             return ConnectFailed(f"{what}: cannot connect to {self.base_url} ({detail})")
         if isinstance(exc, TimeoutError):
