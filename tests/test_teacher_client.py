@@ -282,12 +282,13 @@ def rss_mb() -> float:
 @pytest.mark.integration
 def test_memory_stays_bounded_with_256_endless_or_bomb_responses(make_fake_teacher):
     """Before the cap an endless body took 4-8 GB of RSS at 256 connections. Now each response may buffer 64 KiB
-    freely and larger ones share a 128 MiB budget: growth measured ~170 MB here."""
+    freely and larger ones share a 128 MiB budget: growth measured ~210 MB here (~1,080 MB with the cap alone,
+    256 x 8 MiB, without the shared budget)."""
     fake = make_fake_teacher(process=True)  # its memory is not ours
 
     async def run() -> tuple[list, float]:
         base = peak = rss_mb()
-        async with TeacherClient(fake.base_url, max_connections=256, max_response_bytes=2 << 20) as client:
+        async with TeacherClient(fake.base_url, max_connections=256, max_response_bytes=8 << 20) as client:
 
             async def one(i: int) -> object:
                 fault = ("endless", "bomb")[i % 2]
@@ -302,7 +303,7 @@ def test_memory_stays_bounded_with_256_endless_or_bomb_responses(make_fake_teach
 
     results, growth = asyncio.run(run())
     assert {type(r) for r in results} == {BadResponse}
-    assert growth < 350, f"RSS grew by {growth:.0f} MB"
+    assert growth < 400, f"RSS grew by {growth:.0f} MB"
 
 
 # ---------------------------------------------------------------------------------------------- what is sent
