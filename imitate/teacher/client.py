@@ -256,7 +256,7 @@ class TeacherClient:
             body = error_body(content) if content is not None else f"(an error body over {ERROR_BODY_BYTES} bytes)"
             raise error_for_status(status, response.headers, body, secrets=self._secrets, chat=True)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._body_error(exc, status) from exc
+            raise self._body_error(exc, response) from exc
         finally:
             response.close()  # a no-op once the body was read in full (the connection is back in the pool)
 
@@ -309,11 +309,14 @@ class TeacherClient:
             return NetworkError(f"{what}: timed out talking to {self.base_url}")
         return NetworkError(f"{what}: connection to {self.base_url} failed ({detail})")
 
-    def _body_error(self, exc: BaseException, status: int) -> TeacherError:
+    def _body_error(self, exc: BaseException, response: aiohttp.ClientResponse) -> TeacherError:
         """A failure while reading a response that had arrived: undecodable is the server's fault, else network."""
         if isinstance(exc, aiohttp.ClientPayloadError) and "encoding" in str(exc).lower():
-            detail = scrub(str(exc), *self._secrets)
-            return BadResponse(f"HTTP {status} with an undecodable body ({detail})", status=status)
+            detail, status = scrub(" ".join(str(exc).split()), *self._secrets), response.status
+            request_id = scrub(response.headers.get("x-request-id", ""), *self._secrets) or None
+            return BadResponse(
+                f"HTTP {status} with an undecodable body ({detail})", status=status, request_id=request_id
+            )
         if isinstance(exc, TimeoutError):
             return NetworkError(f"chat completion: timed out reading the answer from {self.base_url}")
         detail = scrub(f"{type(exc).__name__}: {exc}", *self._secrets)

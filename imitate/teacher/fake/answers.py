@@ -27,8 +27,10 @@ NAMED_FAULTS = {
     "redirect": "307 to another URL (clients must not follow a POST)",
     "endless": "200 with a chunked body that never ends",
     "bomb": "200 with a 1 MB gzip body that inflates to 1 GiB",
+    "cut": "200 whose body stops halfway (connection reset)",
+    "badgzip": "200 marked gzip whose body is not",
 }
-CONNECTION_FAULTS = {"reset", "hang", "slow", "malformed", "endless", "bomb"}  # in a batch: a 500 for that line
+CONNECTION_FAULTS = {"reset", "hang", "slow", "malformed", "endless", "bomb", "cut", "badgzip"}  # batch: a 500
 FAULT_MARK = re.compile(r"\[\[fault:([a-z]+|\d{3})(?:x(\d+))?\]\]")
 _LEN_MARK = re.compile(r"\[\[len:(\d+)\]\]")
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9'-]{3,}")

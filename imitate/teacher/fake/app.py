@@ -227,6 +227,12 @@ class FakeTeacher:
             response = self._respond(
                 payload, p_tokens, None if fault in CONNECTION_FAULTS else fault, headers, given_key
             )
+            if fault == "badgzip":
+                response.headers.append(("content-encoding", "gzip"))
+            if fault == "cut":
+                conn.write_raw(conn.head(response, keep_alive) + response.body[: len(response.body) // 2])
+                conn.transport.abort()  # type: ignore[union-attr]
+                return None
             if fault != "slow":
                 return response
             conn.write_raw(conn.head(response, keep_alive))
