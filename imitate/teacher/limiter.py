@@ -22,18 +22,18 @@ How it decides (tests/test_limiter.py simulates it against a token-bucket server
   back, so a limit configured up to 2x too high cannot overrun the server before its headers correct us.
 - Reconciliation: a prompt that used more than estimated is charged the difference. Unused max_tokens are
   refunded only with `refund_unused=True` (servers differ; the header loop credits real refunds once certain).
-- Header loop: a response's `remaining-*` is the server's bucket right after it took that request, at a moment
-  we do not know: after the admission and after the client started timing (`now - latency`), or much later (a
-  busy client sends late, out of admission order, and reads late: 1.4-3 s measured against a server's 0.3-1 s).
-  So a view (one dated no earlier than the last one applied) *lowers* our level at once to the estimate
-  `min(capacity, remaining + refill since that earliest moment) - admissions after this request` (low when
-  later requests overtook it: only throughput lost, and undone by the raise below). It *raises* it only to
-  what is certain, `remaining - every request unanswered when this one was admitted or admitted since` with no
-  refill credited, which no send order or latency can make overrun the server, and only when the server's
-  stated limit is the one in force (a lower configured limit, a deliberate share of the quota, is never
-  raised). Uncapped, a view from a request that overtook earlier ones still waiting for a connection raised
-  the level by what those would take (34 -> 174) and a cluster of 429s followed. Certainty costs little: a
-  level too low by less than the requests in flight stays so, a one-off loss, as both buckets refill alike.
+- Header loop (imitate/teacher/views.py): a response's `remaining-*` is the server's bucket right after it took
+  that request, at a moment we do not know exactly, and it counts every client on the key. Each view *lowers*
+  our level at once to `min(capacity, remaining + refill since the earliest moment it was read) - admissions
+  after this request`, and *raises* it at once only to what is certain, `remaining - every request unanswered
+  when this one was admitted or admitted since` (uncapped, a view from a request that overtook earlier ones
+  still waiting for a connection raised the level by what those would take, 34 -> 174, and a cluster of 429s
+  followed). What certainty leaves on the server (about the requests in flight: 1.6 s of a 30 s run with a
+  busy client) is *reclaimed* once a row of views, all of requests admitted while the bucket held us back,
+  agree that it is there. The refill our bucket counts on is the server's less what other clients on the key
+  drain, measured from how `remaining` falls between views seconds apart beyond what we took; crediting the
+  whole refill gave 7-17 % 429s against a second job using half the limit. Raises are only made when the
+  server's stated limit is the one in force (a lower configured limit, a deliberate share, is never raised).
 - AIMD concurrency: start at max_concurrency when a limit is configured, else at `initial_concurrency` with
   slow start (+1 per success, paced at 2x the current throughput so the first 429s stop the burst); jump to
   max_concurrency once headers state the limits (the buckets govern). A 429 multiplies the limit by 0.7 at
@@ -60,6 +60,7 @@ from typing import Any
 
 from imitate.teacher.buckets import EPS, Bucket, Ticket, estimate_tokens
 from imitate.teacher.reply import RateLimitState
+from imitate.teacher.views import ServerView, View
 
 __all__ = ["RateLimiter", "Ticket", "estimate_tokens"]
 
@@ -97,7 +98,8 @@ class RateLimiter:
         self._confirmed = False  # a limit header has been seen
         # a server-stated limit we adopted: its `remaining` may raise our bucket too, not only lower it
         self._authoritative = {"requests": False, "tokens": False}
-        self._last_view = {"requests": -math.inf, "tokens": -math.inf}  # date of the last view that could lower
+        self._views = {"requests": ServerView(), "tokens": ServerView()}  # what the headers have shown
+        self._rejected = {"requests": 0, "tokens": 0.0}  # answered 429: not taken by the server
         self._answered = False  # a success yet (until then half of a configured bucket is held back)
         self.max_concurrency = max(1, max_concurrency)
         configured = bool(rpm or tpm)
@@ -231,6 +233,13 @@ class RateLimiter:
         now = self._clock()
         self._release(ticket)
         self.counts["rate_limited"] += 1
+        self._rejected["requests"] += 1
+        self._rejected["tokens"] += ticket.est_tokens
+        for kind, remaining, cost in (
+            ("requests", rate.remaining_requests, 1),
+            ("tokens", rate.remaining_tokens, ticket.est_tokens),
+        ):
+            self._views[kind].on_rejected(ticket.seq, exhausted=remaining is not None and remaining < cost)
         self._observe(ticket, rate, now, latency_s)
         if rate.retry_after_s:
             self._paused_until = max(self._paused_until, now + rate.retry_after_s)
@@ -306,30 +315,27 @@ class RateLimiter:
     # ------------------------------------------------------------------------------------------ headers
 
     def _observe(self, ticket: Ticket, rate: RateLimitState, now: float, latency_s: float | None) -> None:
-        """Reconcile our buckets with the server's `remaining` in the response to `ticket` (see the module
-        docstring: lowered to the best estimate, raised only to what is certain)."""
+        """Reconcile our buckets with the server's `remaining` in the response to `ticket` (imitate/teacher/views.py:
+        lowered to the best estimate, raised to what is certain, slack reclaimed, other clients' drain learned)."""
         # the earliest moment the server can have read `remaining`; it may be much later (a send delayed by a
         # busy client), or just now
         sent = ticket.at if latency_s is None else max(ticket.at, now - max(0.0, latency_s))
         n, t = self.counts["admitted"], self._adm_tokens
-        dims = (  # kind, limit, remaining, admitted after this request, unanswered when it was admitted or since
-            ("requests", rate.limit_requests, rate.remaining_requests, n - ticket.seq, n - ticket.known),
-            ("tokens", rate.limit_tokens, rate.remaining_tokens, t - ticket.cum_tokens, t - ticket.known_tokens),
-        )
-        for kind, limit, remaining, later, unsure in dims:
+        dims = (  # kind, limit, remaining, admitted after this request, unanswered when it was admitted or since,
+            # taken by the server up to this one, the cost of one request
+            ("requests", rate.limit_requests, rate.remaining_requests, n - ticket.seq, n - ticket.known,
+             ticket.seq - self._rejected["requests"], 1.0),
+            ("tokens", rate.limit_tokens, rate.remaining_tokens, t - ticket.cum_tokens, t - ticket.known_tokens,
+             ticket.cum_tokens - self._rejected["tokens"], float(ticket.est_tokens)),
+        )  # fmt: skip
+        for kind, limit, remaining, later, unsure, taken, cost in dims:
             if limit:
                 self._adopt_limit(kind, limit, now)
             bucket = self._buckets[kind]
             if bucket is None or remaining is None:
                 continue
-            bucket.refill(now)
-            level = bucket.level
-            if self._authoritative[kind]:  # certain: none of `unsure` is known to be inside `remaining`
-                level = max(level, remaining - unsure)
-            if sent >= self._last_view[kind]:  # an older view than one already applied says nothing new
-                self._last_view[kind] = sent
-                level = min(level, min(bucket.capacity, remaining + bucket.rate * (now - sent)) - later)
-            bucket.level = min(bucket.capacity, level)
+            view = View(remaining, sent, later, unsure, taken, ticket.seq, cost)
+            self._views[kind].apply(bucket, view, now, limit, self._authoritative[kind], n)
 
     def _adopt_limit(self, kind: str, limit: int, now: float) -> None:
         """The server states a limit: the buckets govern from now on (not slow start or the learned pace), at
@@ -378,6 +384,7 @@ class RateLimiter:
             "rpm_limit": self.limit("requests"),
             "tpm_limit": self.limit("tokens"),
             "limits_from_headers": self._confirmed,
+            "others_rpm": self._views["requests"].foreign * 60.0,  # what other clients on the key drain
             "pace_rpm": self.pace_rpm,
             "utilisation": max(shares) if shares else None,
             "ok_last_minute": len(self._oks),
