@@ -18,8 +18,9 @@ handler because this server is the ceiling every harvester benchmark is measured
   code or a name in `NAMED_FAULTS`. In a batch, connection-level faults become a 500 for that line.
 - Stats: `GET /fake/stats` or `FakeTeacher.stats()`; `POST /fake/reset` clears stats, buckets and attempts.
 
-Run it (a) in the current loop with `await FakeTeacher(...).start()`, (b) from sync code with
-`running_fake_teacher(process=True|False, **options)` / `FakeTeacherServer`, (c) via `serve_forever(...)`.
+Run it (a) in the current loop with `await FakeTeacher(...).start()` (`start(tls=ssl_context)` serves HTTPS, for
+certificate tests), (b) from sync code with `running_fake_teacher(process=True|False, **options)` /
+`FakeTeacherServer`, (c) via `serve_forever(...)`. Every option is a `FakeConfig` field, defined there once.
 """
 
 from imitate.teacher.fake.answers import (
