@@ -64,36 +64,17 @@ def config_show(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt
     typer.echo(to_yaml(load_config(config, set_ or [])), nl=False)
 
 
-@app.command("fake-teacher")
-def fake_teacher(
-    host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback by default)."),
-    port: int = typer.Option(8089, help="Port; 0 picks a free one and prints it."),
-    rpm: int | None = typer.Option(None, help="Requests-per-minute limit (token bucket)."),
-    tpm: int | None = typer.Option(None, help="Tokens-per-minute limit (token bucket)."),
-    faults: str = typer.Option("", help="Random faults, e.g. '500=0.02,reset=0.01,429=0.01'."),
-    latency: float = typer.Option(0.0, help="Seconds added to every response."),
-    headers: bool = typer.Option(True, "--headers/--no-headers", help="Send x-ratelimit-* headers."),
-    seed: int = typer.Option(0, help="Seed for random faults."),
-) -> None:
-    """Run the loopback OpenAI-compatible fake teacher (for tests, the demo and benchmarks)."""
-    import asyncio
-    import contextlib
+@app.command(
+    "fake-teacher",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def fake_teacher(ctx: typer.Context) -> None:
+    """Run the loopback OpenAI-compatible fake teacher (tests, the demo, benchmarks). Its options are the fake's
+    own, one per FakeConfig field (--port, --rpm, --tpm, --faults, --latency-s, --seed, ...): see --help."""
+    from imitate.teacher.fake.runner import main as fake_main
 
-    from imitate.teacher.fake import parse_faults, serve
-
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how this server is meant to stop
-        asyncio.run(
-            serve(
-                host=host,
-                port=port,
-                rpm=rpm,
-                tpm=tpm,
-                faults=parse_faults(faults),
-                latency=latency,
-                headers=headers,
-                seed=seed,
-            )
-        )
+    fake_main(list(ctx.args), prog="imitate fake-teacher")
 
 
 def _flag_overrides(**flags: object) -> list[str]:

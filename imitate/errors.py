@@ -17,6 +17,7 @@
     │   ├── NetworkError                       reset, timeout: back off and retry
     │   │   └── ConnectFailed                  refused, DNS: retry; many in a row with no answer stop the run
     │   └── BadResponse                        malformed JSON, no choices: retry a few times
+    │       └── ResponseTooLarge               decoded body over max_response_bytes: never retried
     ├── BudgetExhausted               exit 5   --max-usd / --max-tokens / --max-requests reached
     ├── StorageError                  exit 7   the output cannot be written (disk full, read-only): stop at once
     ├── Interrupted                   exit 130 SIGINT/SIGTERM: partial output is valid
@@ -135,6 +136,13 @@ class ConnectFailed(NetworkError):
 
 class BadResponse(TeacherError):
     retryable = True
+
+
+class ResponseTooLarge(BadResponse):
+    """An endless or inflating body, cut at the cap: a server that sent it once would send it again, and the
+    teacher may bill each attempt, so the row fails for good."""
+
+    retryable = False
 
 
 class BudgetExhausted(ImitateError):

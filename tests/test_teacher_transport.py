@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from teacher_fixtures import KEY, OK_BODY, PARAMS, TRANSPORTS, Recorder, ask, ask_error
 
-from imitate.errors import TEACHER_FATAL, BadResponse, ConfigError, ServerError, TeacherError, TLSFailure
+from imitate.errors import TEACHER_FATAL, ConfigError, ResponseTooLarge, ServerError, TeacherError, TLSFailure
 from imitate.records import GenerationParams, Message
 from imitate.teacher.client import TeacherClient
 from imitate.teacher.fake import FakeTeacher
@@ -32,14 +32,14 @@ def test_an_answer_over_the_cap_fails_its_row_without_retry(fake_teacher):
     big = "Explain sand. [[len:400]]"  # ~40 KB of answer
     assert asyncio.run(ask(fake_teacher.base_url, big, params={"max_tokens": None}, max_response_bytes=1 << 20)).text
     exc = ask_error(fake_teacher.base_url, big, params={"max_tokens": None}, max_response_bytes=4096)
-    assert type(exc) is BadResponse and not exc.retryable and exc.status == 200
+    assert type(exc) is ResponseTooLarge and not exc.retryable and exc.status == 200
     assert "max_response_bytes=4096" in exc.message and "max_response_bytes" in exc.hint
 
 
 @pytest.mark.parametrize("fault", ["endless", "bomb"])
 def test_endless_and_inflating_bodies_stop_at_the_cap(fake_teacher, fault):
     exc = ask_error(fake_teacher.base_url, f"Explain sand. [[fault:{fault}]]", max_response_bytes=1 << 20)
-    assert type(exc) is BadResponse and not exc.retryable and "max_response_bytes=1048576" in exc.message
+    assert type(exc) is ResponseTooLarge and not exc.retryable and "max_response_bytes=1048576" in exc.message
 
 
 def rss_mb() -> float:
@@ -70,7 +70,7 @@ def test_memory_stays_bounded_with_256_endless_or_bomb_responses(make_fake_teach
             return calls.result(), peak - base
 
     results, growth = asyncio.run(run())
-    assert {type(r) for r in results} == {BadResponse}
+    assert {type(r) for r in results} == {ResponseTooLarge}
     assert growth < 400, f"RSS grew by {growth:.0f} MB"
 
 

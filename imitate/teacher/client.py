@@ -64,6 +64,7 @@ from imitate.errors import (
     ConnectFailed,
     InputError,
     NetworkError,
+    ResponseTooLarge,
     TeacherError,
     TLSFailure,
 )
@@ -283,16 +284,14 @@ class TeacherClient:
                 self._large_bodies.release()  # type: ignore[union-attr]
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _too_large(self, response: aiohttp.ClientResponse) -> BadResponse:
+    def _too_large(self, response: aiohttp.ClientResponse) -> ResponseTooLarge:
         """Not retryable: a server that sent an endless or inflating body once would send it again, and the
         teacher may bill each attempt."""
-        exc = BadResponse(
+        return ResponseTooLarge(
             f"HTTP {response.status} body over max_response_bytes={self._max_bytes} decoded bytes; not retried",
             status=response.status,
             hint="raise harvest.teachers.N.max_response_bytes if answers this large are expected",
         )
-        exc.retryable = False  # type: ignore[misc]
-        return exc
 
     def _transport_error(self, exc: BaseException, what: str = "chat completion") -> TeacherError:
         """The one translation of an aiohttp failure before a response arrived."""

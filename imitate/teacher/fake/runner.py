@@ -155,9 +155,10 @@ def serve_forever(host: str = "127.0.0.1", port: int = 8089, **options: Any) -> 
         asyncio.run(serve(host, port, **options))
 
 
-def _parser() -> argparse.ArgumentParser:
-    """One flag per FakeConfig field (`latency_s` -> `--latency-s`; a unique prefix such as `--latency` works)."""
-    parser = argparse.ArgumentParser(prog="python -m imitate.teacher.fake", description=_description())
+def _parser(prog: str = "python -m imitate.teacher.fake") -> argparse.ArgumentParser:
+    """One flag per FakeConfig field (`latency_s` -> `--latency-s`; a unique prefix such as `--latency` works):
+    the options are defined once, for `python -m imitate.teacher.fake` and `imitate fake-teacher` alike."""
+    parser = argparse.ArgumentParser(prog=prog, description=_description())
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8089)
     hints = typing.get_type_hints(FakeConfig)
@@ -175,8 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = _parser()
+def main(argv: list[str] | None = None, prog: str = "python -m imitate.teacher.fake") -> None:
+    parser = _parser(prog)
     args = vars(parser.parse_args(argv))
     host, port, config_json = args.pop("host"), args.pop("port"), args.pop("config_json")
     try:
