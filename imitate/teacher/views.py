@@ -34,8 +34,8 @@ RECLAIM_VIEWS = 8  # views that must agree on a gap before it is reclaimed
 MAX_MARGIN = 64.0  # at most this many requests' worth left unclaimed
 FOREIGN_WINDOW_S = 10.0  # the other clients' drain is measured over at most this long ...
 FOREIGN_MIN_SPAN_S = 1.0  # ... and at least this long
-FOREIGN_GAIN = 0.1  # weight of each new measurement of the other clients' drain (after the first few)
-ANCHORS = 50  # views kept for those measurements, evenly spread over the window
+FOREIGN_GAIN = 0.2  # weight of each new measurement of the other clients' drain (after the first few)
+ANCHORS = 50  # views kept for those measurements (one a measurement), evenly spread over the window
 FOREIGN_SPREAD = 0.25  # ... when ours of unknown order, at its two ends, are at most this share of its refill
 FOREIGN_HEADROOM = 0.1  # the others are left this much more than they take, so a growing need is seen
 FOREIGN_BUMP = 0.05  # share of the server's rate a 429 adds to the others' drain
@@ -128,8 +128,8 @@ class ServerView:
         made 18 of 20 requests a second look foreign), and counts only if its ends together are unsure by at
         most `FOREIGN_SPREAD` of its refill."""
         anchors, unordered = self._anchors, view.unsure - view.later
-        if anchors and view.sent < anchors[-1][0]:
-            return  # out of order: the anchors stay in the server's order
+        if anchors and view.sent - anchors[-1][0] < FOREIGN_WINDOW_S / ANCHORS:
+            return  # out of order (the anchors stay in the server's order), or measured a moment ago
         while anchors and anchors[0][0] < view.sent - FOREIGN_WINDOW_S:
             anchors.popleft()
         best, best_spread = None, FOREIGN_SPREAD * rate
@@ -141,8 +141,7 @@ class ServerView:
             # the bucket cannot have been full in between (a full bucket wastes refill)
             if remaining + rate * span < capacity and (spread := (unsure + unordered) / span) <= best_spread:
                 best, best_spread = anchor, spread
-        if not anchors or view.sent - anchors[-1][0] >= FOREIGN_WINDOW_S / ANCHORS:
-            anchors.append((view.sent, view.remaining, view.taken, unordered))
+        anchors.append((view.sent, view.remaining, view.taken, unordered))
         if best is None:
             return
         sent, remaining, taken, _ = best
