@@ -384,7 +384,7 @@ class RateLimiter:
             "rpm_limit": self.limit("requests"),
             "tpm_limit": self.limit("tokens"),
             "limits_from_headers": self._confirmed,
-            "others_rpm": self._views["requests"].foreign * 60.0,  # what other clients on the key drain
+            "others_rpm": self._views["requests"].drain * 60.0,  # what other clients on the key drain
             "pace_rpm": self.pace_rpm,
             "utilisation": max(shares) if shares else None,
             "ok_last_minute": len(self._oks),

@@ -61,7 +61,9 @@ class ServerView:
 
     def __init__(self) -> None:
         self.last = -math.inf  # date of the last view that could lower
-        self.foreign = 0.0  # the other clients' drain, per second
+        self.foreign = 0.0  # the other clients' drain, per second, as measured ...
+        self._bump = 0.0  # ... plus what 429s added to it since (fading)
+        self._stamp = -math.inf
         self._rate = 0.0  # the server's refill per second, as last stated
         self._measured = 0
         self._anchors: deque[tuple[float, float, float, float]] = deque()  # (sent, remaining, taken, unordered)
@@ -71,6 +73,11 @@ class ServerView:
         self._margin = 2.0  # requests' worth left unclaimed, doubled by a 429 after a reclaim
         self._reclaimed = math.inf  # admissions when slack was last reclaimed (inf: none to blame since)
 
+    @property
+    def drain(self) -> float:
+        """The other clients' drain counted on, per second."""
+        return self.foreign + self._bump
+
     def apply(self, bucket: Bucket, view: View, now: float, limit: float | None, authoritative: bool, admitted: int):
         """Reconcile `bucket` with `view`. `limit`: the server's stated per-minute limit (None: ours);
         `authoritative`: that limit is the one in force, so its `remaining` may raise our level too;
@@ -79,7 +86,9 @@ class ServerView:
         rate = self._rate = capacity / 60.0
         bucket.refill(now)
         self._measure_foreign(view, rate, capacity)
-        share = rate - (1.0 + FOREIGN_HEADROOM) * self.foreign
+        self._bump *= math.exp(-max(0.0, now - self._stamp) / FOREIGN_WINDOW_S)
+        self._stamp = now
+        share = rate - (1.0 + FOREIGN_HEADROOM) * self.drain
         bucket.rate = min(bucket.capacity / 60.0, max(share, MIN_SHARE * rate))
         estimate = min(bucket.capacity, view.remaining + bucket.rate * (now - view.sent)) - view.later
         level = bucket.level
@@ -113,11 +122,12 @@ class ServerView:
 
     def on_rejected(self, seq: int, exhausted: bool) -> None:
         """A 429 for request `seq`. If this bucket was the one `exhausted`, someone took what we counted on:
-        the others' drain is taken to be higher by `FOREIGN_BUMP` of the server's rate until measured again
-        (measured while they lost the races to us, it is low and rises by itself only slowly). If it was
+        the others' drain is taken to be higher by `FOREIGN_BUMP` of the server's rate, fading over
+        `FOREIGN_WINDOW_S` (measured while they lost the races to us, it is low and rises by itself only slowly;
+        and a busy client's views may never be sure enough to measure it again). If it was
         admitted after a reclaim, the next ones keep twice the margin."""
         if exhausted:
-            self.foreign = min(self._rate, self.foreign + FOREIGN_BUMP * self._rate)
+            self._bump = min(self._rate, self._bump + FOREIGN_BUMP * self._rate)
         if seq > self._reclaimed:
             self._reclaimed, self._margin = math.inf, min(MAX_MARGIN, 2 * self._margin)
 
