@@ -2,6 +2,8 @@
 the two recipes users write first, each against its own rate-limited fake teacher.
 
     .venv/bin/python bench/harvest_utilisation.py [--rpm 600] [--seconds 240] [--latency 0.3 --jitter 0.7]
+    .venv/bin/python bench/harvest_utilisation.py --scenario short --rpm 1200     # 1,800 rows: 30 s ideally
+    .venv/bin/python bench/harvest_utilisation.py --scenario shared --rpm 1200 --seconds 180
 
 Every setup gets its own fake teacher process (`FakeTeacherServer(process=True, rpm=R, tpm=T, latency_s=...,
 jitter_s=...)`: OpenAI-style token buckets, capacity = the per-minute limit, refilled continuously, starting
@@ -21,6 +23,15 @@ Measured per setup: rows completed, rows lost (failed, or never finished), reque
 counted them, and utilisation = completed / ideal, where ideal = burst + refill x T (the fewer of the RPM and
 TPM bound) and T runs from the client's start to its last completed row.
 Targets (issue 4): utilisation >= 0.97, 0 rows lost, 429s <= 2 % of requests, for imitate (a), (b) and (c).
+
+Scenarios (issue 9), imitate's three setups only:
+- short: `--seconds 30` of rows (1,800 at 1,200 RPM, the server's bucket full at the start). Also reported: the
+  ideal time over the time taken. Targets: >= 0.95 of the ideal time, 0 x 429, 0 lost.
+- shared: a second job on the same key (`bench/paced_client.py`, its own process, started first and stopped
+  last) sends half the RPM to the same fake teacher, whose buckets are per server; latency 0.2 s fixed unless
+  given. imitate gets what that leaves over `--seconds`: burst + refill / 2 x seconds rows. Utilisation =
+  imitate's rows / what was left, burst + refill x T less the other job's answered requests in imitate's T;
+  429 share = imitate's own. Targets: utilisation >= 0.97, 429s <= 2 %, 0 lost.
 """
 
 from __future__ import annotations
@@ -223,20 +234,24 @@ def run_setup(setup: dict, args: argparse.Namespace, rows: int, src: Path, tmp: 
     out = tmp / (setup["name"].replace(" ", "_").replace("(", "").replace(")", ""))
     fake = {"rpm": args.rpm, "tpm": args.tpm, "latency_s": args.latency, "jitter_s": args.jitter}
     with FakeTeacherServer(process=True, **fake) as server:
+        other = start_other(server.base_url, args, out) if args.scenario == "shared" else None
         cmd = client_command(setup, server.base_url, src, out, args)
         server_cpu = cpu_seconds(server.pid)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         stdout, stderr = proc.communicate()
+        answers = stop_other(other, out) if other else []
         stats = server.stats()
         server_cpu = cpu_seconds(server.pid) - server_cpu
     if setup["kind"] != "imitate" and proc.returncode != 0:
         raise RuntimeError(f"{setup['name']} failed:\n{stderr}")
     times, lost, start, errors = completions(setup, out, stdout)
-    elapsed = (max(times) if times else time.time()) - start
+    end = max(times) if times else time.time()
+    elapsed = end - start
     per_request = sum(request_tokens(question(i)) for i in range(rows)) / rows
     ideal = min(args.rpm * (1 + elapsed / 60), args.tpm * (1 + elapsed / 60) / per_request)
-    requests = stats["requests"]
-    limited = stats["by_status"].get(429, 0)
+    other_ok = sum(1 for t, status in answers if status == 200 and start <= t <= end)
+    requests = stats["requests"] - len(answers)
+    limited = stats["by_status"].get(429, 0) - sum(1 for _, status in answers if status == 429)
     return {
         **setup,
         "ok": len(times),
@@ -245,13 +260,33 @@ def run_setup(setup: dict, args: argparse.Namespace, rows: int, src: Path, tmp: 
         "429": limited,
         "share_429": limited / requests if requests else 0.0,
         "elapsed": elapsed,
-        "ideal": ideal,
-        "utilisation": len(times) / ideal if ideal else 0.0,
+        "ideal": ideal - other_ok,  # what the other job (shared scenario) left
+        "utilisation": len(times) / (ideal - other_ok) if ideal else 0.0,
+        "time_ratio": args.seconds / elapsed if elapsed > 0 else 0.0,
+        "other_ok": other_ok,
+        "other_share": other_ok / (args.other_rps * elapsed) if other and elapsed > 0 else None,
         "server_cpu": server_cpu,
         "exit": proc.returncode,
         "errors": errors,
         "first": (min(times) - start) if times else None,
     }
+
+
+def start_other(base_url: str, args: argparse.Namespace, out: Path) -> subprocess.Popen:
+    """The second job on the key, started a second before imitate (it drains less than the refill, so the
+    server's bucket is still full when imitate starts)."""
+    stop = out.with_suffix(".stop")
+    cmd = [sys.executable, str(ROOT / "bench" / "paced_client.py"), "--base-url", base_url, "--stop", str(stop)]
+    proc = subprocess.Popen([*cmd, "--rps", str(args.other_rps)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(1.0)
+    return proc
+
+
+def stop_other(proc: subprocess.Popen, out: Path) -> list[tuple[float, int]]:
+    """Stop the second job; (time, status) of each of its answers."""
+    out.with_suffix(".stop").touch()
+    stdout, _ = proc.communicate(timeout=60)
+    return [tuple(a) for a in json.loads(stdout.strip().splitlines()[-1])["answers"]]
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -265,13 +300,15 @@ def phases(chosen: list[dict], parallel: bool) -> list[list[dict]]:
     return [g for g in groups if g]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", choices=["utilisation", "short", "shared"], default="utilisation")
     parser.add_argument("--rpm", type=int, default=600)
     parser.add_argument("--tpm", type=int, help="default: 1.5x what --rpm needs, so the RPM bucket binds")
-    parser.add_argument("--seconds", type=float, default=240.0, help="run length a perfect client needs")
-    parser.add_argument("--latency", type=float, default=0.3, help="fake teacher latency, seconds")
-    parser.add_argument("--jitter", type=float, default=0.7, help="plus uniform random 0..jitter seconds")
+    parser.add_argument("--seconds", type=float, help="run length a perfect client needs (240; short: 30; shared: 180)")
+    parser.add_argument("--latency", type=float, help="fake teacher latency, seconds (0.3; shared: 0.2)")
+    parser.add_argument("--jitter", type=float, help="plus uniform random 0..jitter seconds (0.7; shared: 0)")
+    parser.add_argument("--other-rps", type=float, help="shared: the other job's requests a second (half the RPM)")
     parser.add_argument("--pause", type=float, default=1.0, help="baseline 2's fixed pause after an error")
     parser.add_argument("--only", help="comma-separated setup names to run (substring match)")
     parser.add_argument("--parallel", action="store_true", help="imitate's setups at once, then the baselines")
@@ -280,18 +317,65 @@ def main() -> None:
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    shared = args.scenario == "shared"
+    seconds = {"short": 30.0, "shared": 180.0}.get(args.scenario, 240.0)
+    defaults = {"seconds": seconds, "latency": 0.2 if shared else 0.3, "jitter": 0.0 if shared else 0.7,
+                "other_rps": args.rpm / 120 if shared else 0.0}  # fmt: skip
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.tpm is None:
         args.tpm = int(1.5 * args.rpm * request_tokens(question(99_999)))
+    return args
+
+
+def checks(r: dict, scenario: str) -> dict[str, bool]:
+    if scenario == "short":
+        return {"ideal time / T >= 0.95": r["time_ratio"] >= 0.95, "0 lost": r["lost"] == 0, "0 x 429": r["429"] == 0}
+    return {"ok/ideal >= 0.97": r["utilisation"] >= 0.97, "0 lost": r["lost"] == 0,
+            "429s <= 2 %": r["share_429"] <= 0.02}  # fmt: skip
+
+
+def report(results: list[dict], args: argparse.Namespace, rows: int) -> list[str]:
+    """Prints the table and the verdicts; returns the failed checks."""
+    extra = {"short": " ideal time / T |", "shared": " other job ok (its pace) |"}.get(args.scenario, "")
+    head = "| setup | limits RPM/TPM | rows ok | lost | requests | 429s | 429 share | T (s) | ideal | ok / ideal |"
+    print(f"\n{head}{extra}")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if extra else ""))
+    for r in results:
+        more = {"short": f" **{r['time_ratio']:.3f}** |", "shared": f" {r['other_ok']} ({r['other_share'] or 0:.3f}) |"}
+        print(f"| {r['name']} | {r['limits']} | {r['ok']} | {r['lost']} ({r['lost'] / rows:.0%}) | {r['requests']} | "
+              f"{r['429']} | {r['share_429']:.1%} | {r['elapsed']:.1f} | {r['ideal']:.0f} | "
+              f"**{r['utilisation']:.3f}** |{more.get(args.scenario, '')}")  # fmt: skip
+    for r in results:
+        first = f"{r['first']:.1f}" if r["first"] is not None else "-"
+        print(f"- {r['name']}: first row after {first} s; errors seen by the client: {r['errors'] or 'none'}; "
+              f"fake teacher CPU {r['server_cpu']:.1f} s")  # fmt: skip
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    failed = []
+    for r in results:
+        if r["kind"] != "imitate":
+            continue
+        verdicts = checks(r, args.scenario)
+        print(f"{r['name']}: " + ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in verdicts.items()))
+        failed += [f"{r['name']} {k}" for k, v in verdicts.items() if not v]
+    return failed
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         run_baseline(args)
         return
 
-    rows = int(args.rpm * (1 + args.seconds / 60))
-    wanted = args.only.split(",") if args.only else None
+    left_rpm = args.rpm - 60 * args.other_rps  # what a second job on the key leaves (shared)
+    rows = int(args.rpm + left_rpm * args.seconds / 60)
+    wanted = args.only.split(",") if args.only else (["imitate"] if args.scenario != "utilisation" else None)
     chosen = [s for s in setups(args.rpm, args.tpm) if not wanted or any(k in s["name"] for k in wanted)]
-    print(f"harvest utilisation: fake teacher {args.rpm} RPM / {args.tpm} TPM (RPM binds), latency "
-          f"{args.latency:g}-{args.latency + args.jitter:g} s, {rows} rows per setup (= ideal at {args.seconds:g} s: "
-          f"burst {args.rpm} + refill {rows - args.rpm}), {len(chosen)} setups "
+    other = f", a second job on the key sending {args.other_rps:g}/s" if args.other_rps else ""
+    print(f"harvest {args.scenario}: fake teacher {args.rpm} RPM / {args.tpm} TPM (RPM binds), latency "
+          f"{args.latency:g}-{args.latency + args.jitter:g} s{other}, {rows} rows per setup (= ideal at "
+          f"{args.seconds:g} s: burst {args.rpm} + refill {rows - args.rpm}), {len(chosen)} setups "
           f"{'imitate at once, then baselines at once' if args.parallel else 'one by one'}, {os.cpu_count()} cpus, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="imitate-util-") as d:
@@ -302,27 +386,7 @@ def main() -> None:
         for group in phases(chosen, args.parallel):
             with ThreadPoolExecutor(max_workers=len(group)) as pool:
                 results += list(pool.map(lambda s: run_setup(s, args, rows, src, tmp), group))
-    print("\n| setup | limits RPM/TPM | rows ok | lost | requests | 429s | 429 share | T (s) | ideal | ok / ideal |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['name']} | {r['limits']} | {r['ok']} | {r['lost']} ({r['lost'] / rows:.0%}) | {r['requests']} | "
-              f"{r['429']} | {r['share_429']:.1%} | {r['elapsed']:.0f} | {r['ideal']:.0f} | "
-              f"**{r['utilisation']:.3f}** |")  # fmt: skip
-    for r in results:
-        first = f"{r['first']:.1f}" if r["first"] is not None else "-"
-        print(f"- {r['name']}: first row after {first} s; errors seen by the client: {r['errors'] or 'none'}; "
-              f"fake teacher CPU {r['server_cpu']:.1f} s")  # fmt: skip
-    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
-    failed = []
-    for r in results:
-        if r["kind"] != "imitate":
-            continue
-        checks = {"ok/ideal >= 0.97": r["utilisation"] >= 0.97, "0 lost": r["lost"] == 0,
-                  "429s <= 2 %": r["share_429"] <= 0.02}  # fmt: skip
-        verdict = ", ".join(f"{k}: {'pass' if v else 'FAIL'}" for k, v in checks.items())
-        print(f"{r['name']}: {verdict}")
-        failed += [f"{r['name']} {k}" for k, v in checks.items() if not v]
-    if failed:
+    if report(results, args, rows):
         sys.exit(1)
 
 
