@@ -119,8 +119,24 @@ class Usage(_Model):
         )
 
 
+class Source(_Model):
+    """Where a row that imitate did not harvest itself came from (an imported file, folder or Hub dataset)."""
+
+    uri: str  # the file or folder path as given, or the Hub dataset name
+    row: int  # 0-based row index in that file/dataset (for JSONL: the 0-based line's row, blank lines not counted)
+    format: str  # the format it was read as: openorca, sharegpt, alpaca, messages, imitate
+    split: str | None = None  # the dataset split, for a Hub dataset or a save_to_disk DatasetDict
+
+
 class Provenance(_Model):
-    """Where a row came from. Never holds secrets: the API key is not in the request or here."""
+    """Where a row came from. Never holds secrets: the API key is not in the request or here.
+
+    A record made from foreign data (`imitate convert`, `imitate import`, `imitate train` on an OpenOrca file...)
+    has `teacher="imported"`, `model` the model named in the row (ShareGPT's `model` field) or "unknown",
+    `base_url=""`, `request_key` the sha256 of its conversation, and `source` saying where it was read.
+    `erased_system` is set when `imitate curate --erase-system` replaced the system message the teacher saw
+    (`system_prompt_id`/`system_prompt_sha256` keep naming the original).
+    """
 
     teacher: str
     model: str
@@ -138,6 +154,8 @@ class Provenance(_Model):
     request_id: str | None = None
     created_at: float | None = None
     imitate_version: str | None = None
+    source: Source | None = None
+    erased_system: Literal["generic", "none"] | None = None
 
 
 class Record(_Model):
