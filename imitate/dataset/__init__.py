@@ -1,0 +1,7 @@
+"""imitate.dataset — the data stage: read and write the common instruction-tuning formats, curate, select,
+generate (Self-Instruct), mix. Every module here works on `imitate.records.Record` and never imports torch,
+transformers or peft (a test checks); `datasets` and tokenizers are imported lazily, only when used.
+
+    formats.py   read/write openorca, sharegpt, alpaca, messages and imitate records (`imitate convert`)
+    io.py        rows from JSON/JSONL/CSV/Parquet files, save_to_disk folders and Hub datasets; atomic output
+"""
