@@ -20,6 +20,7 @@
     │       └── ResponseTooLarge               decoded body over max_response_bytes: never retried
     ├── BudgetExhausted               exit 5   --max-usd / --max-tokens / --max-requests reached
     ├── StorageError                  exit 7   the output cannot be written (disk full, read-only): stop at once
+    ├── HubError                      exit 8   the Hugging Face Hub refused a push or could not be reached
     ├── Interrupted                   exit 130 SIGINT/SIGTERM: partial output is valid
     └── TrainError                    exit 6   tokenisation refusals, training or merge failures
 
@@ -154,6 +155,12 @@ class StorageError(ImitateError):
     would waste money, so the run stops at once."""
 
     exit_code = 7
+
+
+class HubError(ImitateError):
+    """`imitate export --hub`: the Hub answered with an error (auth, permission, bad card) or could not be reached."""
+
+    exit_code = 8
 
 
 class Interrupted(ImitateError):
