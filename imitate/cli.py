@@ -264,6 +264,35 @@ def chat_cmd(
     chat_command(model, adapter, prompt=prompt, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
 
 
+import_app = typer.Typer(help="Import and clean datasets made by other tools.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("sharegpt")
+def import_sharegpt_cmd(
+    input: str = typer.Argument(..., metavar="IN", help="ShareGPT export: JSON array or JSONL (or CSV/Parquet/Hub)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: records.jsonl, dropped.jsonl, manifest.json."),
+    lang: str | None = typer.Option(None, "--lang", help="Keep only these languages of the user turns: en,de"),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Split longer conversations at turn boundaries."),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help="tokenizer.json (or model folder) to count tokens."),
+    near_dup_threshold: float = typer.Option(0.9, "--near-dup-threshold", help="MinHash-LSH Jaccard threshold."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Drop and count bad rows instead of stopping."),
+) -> None:
+    """Vicuna/Koala cleaning: HTML to Markdown, roles, alternation, language, dedup, split by token budget."""
+    from imitate.dataset.language import parse_languages
+    from imitate.dataset.sharegpt_import import ImportSettings, import_sharegpt
+
+    settings = ImportSettings(
+        languages=tuple(sorted(parse_languages(lang))),
+        max_tokens=max_tokens,
+        tokenizer=tokenizer,
+        near_dup_threshold=near_dup_threshold,
+        skip_bad_rows=skip_bad_rows,
+    )
+    summary = import_sharegpt(input, out, settings)
+    typer.echo("; ".join(summary.lines()) + f" -> {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return the process exit code (never raises for an error meant for the user)."""
     argv = list(sys.argv[1:] if argv is None else argv)
