@@ -57,7 +57,8 @@ from pathlib import Path
 from typing import Any
 
 from imitate import __version__
-from imitate.dataset.io import BadRow, RawRow, ReadStats, is_datasets_folder, open_rows, output_container, write_rows
+from imitate.dataset.io import BadRow, RawRow, ReadStats, is_datasets_folder, open_rows
+from imitate.dataset.writers import output_container, write_rows
 from imitate.errors import InputError
 from imitate.records import Message, Provenance, Query, Record, Source, canonical_json, sha256_text
 
@@ -70,8 +71,8 @@ _COLUMNS = {
 }
 _COMMON = ("id", "model", "collection")
 _IMITATE_KEYS = {"id", "query", "messages", "provenance"}
-_SHAREGPT_IN = {"human": "user", "user": "user", "system": "system"}
-_SHAREGPT_IN |= dict.fromkeys(("gpt", "chatgpt", "bard", "bing", "assistant"), "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "system": "system"}  # lower-cased `from` -> role
+SHAREGPT_ROLES |= dict.fromkeys(("gpt", "chatgpt", "bard", "bing", "assistant"), "assistant")
 _SHAREGPT_OUT = {"user": "human", "assistant": "gpt", "system": "system"}
 ALPACA_INPUT = "alpaca_input"
 _SKIP_HINT = "fix the row, or skip bad rows (--skip-bad-rows) to drop and count them"
@@ -160,6 +161,8 @@ def _read_one(name: str, format: str, skip: bool, stats: ReadStats, split, subse
                 fmt = detect_format(row) or "unknown"
                 if fmt == "unknown":
                     raise _undetectable(raw.where, row)
+            if reader.container == "csv":  # a CSV cell cannot be absent: blank means absent
+                row = {k: v for k, v in row.items() if v != ""}
             record = _read_imitate(row) if fmt == "imitate" else _foreign(row, fmt, raw, reader.path, stats)
         except BadRow as exc:
             stats.bad(f"{raw.where}: {exc}", skip=skip, hint=_SKIP_HINT)
@@ -239,7 +242,7 @@ def _conversation(row: dict[str, Any], fmt: str) -> tuple[list[Message], dict[st
         turns = [Message(role="user", content=user), Message(role="assistant", content=output)]
         return turns, ({ALPACA_INPUT: given} if given else {})
     if fmt == "sharegpt":
-        return _turns(_items(row, "conversations"), "conversations", "from", "value", _SHAREGPT_IN), {}
+        return _turns(_items(row, "conversations"), "conversations", "from", "value", SHAREGPT_ROLES), {}
     roles = {r: r for r in ("system", "user", "assistant")}
     return _turns(_items(row, "messages"), "messages", "role", "content", roles), {}
 

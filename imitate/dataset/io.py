@@ -1,8 +1,9 @@
-"""Rows in, files out: the one place imitate reads rows from data files and writes them atomically.
+"""Rows in: the one place imitate reads rows from data files (harvest sources, `imitate convert`, `imitate train`);
+and `atomic_path`, the one way outputs are written (a temporary name, moved into place).
 
     reader = open_rows("data/orca.parquet")          # checks it exists and picks the container
     for raw in reader: raw.where, raw.index, raw.value, raw.split
-    write_rows(rows, "out/data.csv")                 # suffix picks the container; temp name, then os.replace
+    with atomic_path("out/data.csv") as tmp: ...     # temp name in the same folder; os.replace on success
 
 Containers (from the suffix, `.gz` allowed for JSON/JSONL/CSV; `.json` is sniffed: `[` first means a JSON array,
 anything else JSONL): a JSON array, JSONL (`.jsonl`/`.ndjson`), CSV/TSV, Parquet, a `datasets.save_to_disk`
@@ -21,22 +22,21 @@ JSON array, undecodable bytes in a CSV or JSON array file, an unreadable Parquet
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import csv
 import gzip
-import itertools
 import json
 import os
 import re
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from imitate.dataset.jsonarray import UTF8_HINT, JsonArray
 from imitate.errors import InputError
 
 MAX_BAD_EXAMPLES = 5
@@ -47,8 +47,6 @@ _SUFFIX |= {".parquet": "parquet", ".pq": "parquet"}
 _FILE_SUFFIXES = {*_SUFFIX, ".gz", ".txt", ".arrow", ".zip", ".bz2", ".xz", ".zst", ".xlsx"}
 _DISK_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 _BOM = b"\xef\xbb\xbf"
-_WS = re.compile(r"[ \t\r\n]*")
-UTF8_HINT = "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
 
 
 class BadRow(ValueError):
@@ -106,21 +104,26 @@ def detect_container(path_or_name: str, container: str = "auto", *, hint: str | 
         if is_datasets_folder(p):
             return "hf-disk"
         raise InputError(f"{p}: a folder, but not one written by datasets' save_to_disk")
-    suffixes = [s.lower() for s in p.suffixes if s.lower() != ".gz"]
-    found = _SUFFIX.get(suffixes[-1]) if suffixes else None
+    found = suffix_container(p)
     if found == "json" and p.is_file():
         return _sniff_json(p)
     if found:
         return found
     if p.exists():
         raise InputError(
-            f"{p}: cannot tell the file type from the name", hint=hint or "use .json, .jsonl, .csv, .tsv or .parquet"
+            f"{p}: cannot tell the format from the name", hint=hint or "use .json, .jsonl, .csv, .tsv or .parquet"
         )
     if looks_local(path_or_name):
         raise InputError(f"{path_or_name}: no such file or folder")
     if _HUB_NAME.match(path_or_name) and "/" in path_or_name:
         return "hub"
     raise InputError(f"{path_or_name}: no such file, and not a Hub dataset name (owner/name)")
+
+
+def suffix_container(path: str | Path) -> str | None:
+    """The container a file name says (`.gz` looked through), or None. `.json` says "json" (array or JSONL)."""
+    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
+    return _SUFFIX.get(suffixes[-1]) if suffixes else None
 
 
 def _sniff_json(path: Path) -> str:
@@ -205,7 +208,8 @@ class RowReader:
 
     def _json_array_rows(self) -> Iterator[RawRow]:
         with open(self.path, "rb") as self._file, _maybe_gunzip(self.path, self._file) as f:
-            yield from _JsonArray(f, self.path).rows()
+            for index, (line, value) in enumerate(JsonArray(f, self.path).elements()):
+                yield RawRow(f"{self.path}:{line}", index, value)
 
     def _csv_rows(self) -> Iterator[RawRow]:
         csv.field_size_limit(2**31 - 1)  # long prompts are normal; the default 128 KiB cell limit is not
@@ -325,91 +329,6 @@ def _maybe_gunzip(path: str, f: BinaryIO) -> BinaryIO:
     return gzip.GzipFile(fileobj=f, mode="rb") if path.lower().endswith(".gz") else f  # type: ignore[return-value]
 
 
-class _JsonArray:
-    """Elements of a top-level JSON array, one at a time, each with the line it starts on."""
-
-    def __init__(self, f: BinaryIO, path: str):
-        self.f, self.path = f, path
-        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
-        self.buf, self.pos, self.line, self.eof = "", 0, 1, False
-        self.chunk = 1 << 20
-
-    def _more(self) -> bool:
-        """Append the next chunk to the buffer (dropping what was consumed). False at end of file."""
-        if self.eof:
-            return False
-        data = self.f.read(self.chunk)
-        try:
-            text = self.decoder.decode(data, final=not data)
-        except UnicodeDecodeError as exc:
-            line = self.line + self.buf.count("\n", self.pos) + exc.object[: exc.start].count(b"\n")
-            byte = exc.object[exc.start]
-            raise InputError(f"{self.path}:{line}: not UTF-8 text (byte 0x{byte:02x})", hint=UTF8_HINT) from exc
-        self.buf, self.pos = self.buf[self.pos :] + text, 0
-        self.eof = not data
-        return True
-
-    def _advance(self, to: int) -> None:
-        self.line += self.buf.count("\n", self.pos, to)
-        self.pos = to
-
-    def _peek(self) -> str | None:
-        """The next non-blank character (None at end of file)."""
-        while True:
-            self._advance(_WS.match(self.buf, self.pos).end())  # type: ignore[union-attr]
-            if self.pos < len(self.buf):
-                return self.buf[self.pos]
-            if not self._more():
-                return None
-
-    def _error(self, message: str, at: int | None = None) -> InputError:
-        line = self.line + (self.buf.count("\n", self.pos, at) if at is not None else 0)
-        return InputError(f"{self.path}:{line}: invalid JSON ({message})")
-
-    def _decode(self) -> Any:
-        while True:
-            try:
-                value, end = json.JSONDecoder().raw_decode(self.buf, self.pos)
-            except json.JSONDecodeError as exc:
-                # A cut element fails near the buffer's end (or inside a string that runs to it): read on.
-                cut = exc.pos >= len(self.buf) - 16 or exc.msg.startswith("Unterminated string")
-                if cut and self._more():
-                    self.chunk = min(self.chunk * 2, 1 << 28)
-                    continue
-                raise self._error(exc.msg, exc.pos) from exc
-            if end == len(self.buf) and self._more():  # a number may go on in the next chunk
-                continue
-            self.chunk = 1 << 20
-            self._advance(end)
-            return value
-
-    def rows(self) -> Iterator[RawRow]:
-        first = self._peek()
-        if first is None:
-            return
-        if first != "[":
-            raise self._error(f"expected a JSON array, found {first!r}")
-        self._advance(self.pos + 1)
-        index = 0
-        while True:
-            c = self._peek()
-            if c == "]":
-                return
-            if index:
-                if c != ",":
-                    raise self._error("expected ',' or ']' after an element" if c else "the array is not closed")
-                self._advance(self.pos + 1)
-                c = self._peek()
-            if c is None:
-                raise self._error("the array is not closed")
-            where = f"{self.path}:{self.line}"
-            yield RawRow(where, index, self._decode())
-            index += 1
-
-
-# ---------------------------------------------------------------------------------------------- output
-
-
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """A temporary path next to `target` (same folder, so same file system), moved onto it with os.replace only
@@ -432,97 +351,3 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
-
-
-def output_container(path: str | Path) -> str:
-    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
-    found = _SUFFIX.get(suffixes[-1]) if suffixes else None
-    if found is None:
-        raise InputError(
-            f"{path}: cannot tell the file type to write from the name",
-            hint="use .json, .jsonl, .csv, .tsv or .parquet",
-        )
-    return found
-
-
-def write_rows(rows: Iterable[dict[str, Any]], path: str | Path, *, batch_rows: int = 1000) -> int:
-    """Write dict rows to `path`, the container picked by its suffix (`.gz` compresses JSON/JSONL/CSV), via a
-    temporary name. CSV/Parquet columns are the first row's (then the first batch's); a later row with a column
-    they lack is an InputError, never dropped; list/dict cells are JSON text in CSV. Returns the row count."""
-    container = output_container(path)
-    with atomic_path(path) as tmp:
-        if container == "parquet":
-            return _write_parquet(rows, tmp, batch_rows)
-        opener = gzip.open if str(path).lower().endswith(".gz") else open
-        with opener(tmp, "wt", encoding="utf-8", newline="") as f:  # type: ignore[operator]
-            if container == "csv":
-                return _write_csv(rows, f, "\t" if ".tsv" in Path(path).suffixes else ",")
-            return _write_json(rows, f, array=container == "json")
-
-
-def _write_json(rows: Iterable[dict[str, Any]], f: Any, *, array: bool) -> int:
-    n = 0
-    for row in rows:
-        line = json.dumps(row, ensure_ascii=False)
-        f.write(("[\n" if n == 0 else ",\n") + line if array else line + "\n")
-        n += 1
-    if array:
-        f.write("\n]\n" if n else "[]\n")
-    return n
-
-
-def _write_csv(rows: Iterable[dict[str, Any]], f: Any, delimiter: str) -> int:
-    writer, columns, n = csv.writer(f, delimiter=delimiter, lineterminator="\n"), None, 0
-    for row in rows:
-        if columns is None:
-            columns = list(row)
-            writer.writerow(columns)
-        _check_keys(row, columns, n, "the CSV header (the first row's columns)")
-        writer.writerow([_cell(row.get(c)) for c in columns])
-        n += 1
-    return n
-
-
-def _cell(value: Any) -> Any:
-    if isinstance(value, dict | list):
-        return json.dumps(value, ensure_ascii=False)
-    return "" if value is None else value
-
-
-def _check_keys(row: dict[str, Any], columns: list[str], n: int, what: str) -> None:
-    extra = [k for k in row if k not in columns]
-    if extra:
-        raise InputError(f"output row {n}: column(s) {', '.join(map(repr, extra))} not in {what}")
-
-
-def _write_parquet(rows: Iterable[dict[str, Any]], tmp: Path, batch_rows: int) -> int:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    writer, n, batch = None, 0, []
-    try:
-        for row in itertools.chain(rows, [None]):
-            if row is not None:
-                batch.append(row)
-            if batch and (row is None or len(batch) >= batch_rows):
-                if writer is None:
-                    table = pa.Table.from_pylist(batch)
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                else:
-                    for i, r in enumerate(batch):
-                        _check_keys(r, writer.schema.names, n + i, "the Parquet schema (the first batch's columns)")
-                    try:
-                        table = pa.Table.from_pylist(batch, schema=writer.schema)
-                    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-                        raise InputError(
-                            f"output rows {n}-{n + len(batch) - 1}: do not fit the Parquet schema ({exc})"
-                        ) from exc
-                writer.write_table(table)
-                n += len(batch)
-                batch = []
-        if writer is None:
-            pq.write_table(pa.table({}), tmp)
-    finally:
-        if writer is not None:
-            writer.close()
-    return n

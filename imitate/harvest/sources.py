@@ -4,12 +4,12 @@ Hub dataset, with one field mapping (`SourceConfig.fields`) and one bad-row poli
     src = open_source("data/questions.jsonl", cfg.harvest.source)
     for query in src: ...          # src.skipped / src.duplicates / src.bad_examples after (or during) the loop
 
-Formats (auto-detected from the suffix, `.gz` allowed for JSONL/CSV; a folder is a saved `datasets` folder;
-a missing `owner/name` is a Hub dataset, but a missing name that can only be a path — a data-file suffix, a
-leading `.`, `~` or `/`, more than one `/` — is an InputError at once, not a Hub lookup that takes seconds
-and then blames the network; `~` is expanded): nothing is ever loaded whole —
-JSONL/CSV are read line by line, Parquet record batch by record batch, `load_from_disk` memory-maps and the
-Hub is read with `streaming=True`. `datasets` is imported only when one of its formats is used.
+Containers are read by `imitate/dataset/io.py` (shared with `imitate convert` and `imitate train`): JSONL, a JSON
+array, CSV/TSV, Parquet, a saved `datasets` folder or a Hub dataset, picked from the suffix (`.gz` allowed for
+JSON/JSONL/CSV; a folder is a saved `datasets` folder; a missing `owner/name` is a Hub dataset, but a missing name
+that can only be a path — a data-file suffix, a leading `.`, `~` or `/`, more than one `/` — is an InputError at
+once, not a Hub lookup that takes seconds and then blames the network; `~` is expanded). Nothing is ever loaded
+whole, and `datasets` is imported only when one of its formats is used.
 
 Rows:
 - The question column holds a string, or a chat (a list of `{"role", "content"}` — or ShareGPT
@@ -28,120 +28,81 @@ Rows:
 
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
-import io
-import json
-import os
-import re
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from imitate.config import SourceConfig
+from imitate.dataset.formats import SHAREGPT_ROLES
+from imitate.dataset.io import MAX_BAD_EXAMPLES, BadRow, ReadStats, RowReader, detect_container, looks_local, open_rows
 from imitate.errors import InputError
 from imitate.records import Message, Query
 
-MAX_BAD_EXAMPLES = 5
-_HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-_SUFFIX_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv"}
-_SUFFIX_FORMAT |= {".parquet": "parquet", ".pq": "parquet"}
-_FILE_SUFFIXES = {*_SUFFIX_FORMAT, ".gz", ".txt", ".arrow", ".zip", ".bz2", ".xz", ".zst", ".xlsx"}
-_SHAREGPT_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-class BadRow(ValueError):
-    """A row that cannot become a Query; the message says why (the location is added by the caller)."""
+__all__ = ["MAX_BAD_EXAMPLES", "BadRow", "QuerySource", "detect_format", "looks_local", "open_source", "to_query"]
+_HINT = "set source.format"
 
 
 def detect_format(path_or_name: str, cfg: SourceConfig) -> str:
-    if cfg.format != "auto":
-        return cfg.format
-    p = Path(path_or_name)
-    if p.is_dir():
-        if any((p / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
-            return "hf-disk"
-        raise InputError(f"{p}: a folder, but not one written by datasets' save_to_disk")
-    suffixes = [s.lower() for s in p.suffixes if s.lower() != ".gz"]
-    fmt = _SUFFIX_FORMAT.get(suffixes[-1]) if suffixes else None
-    if fmt:
-        return fmt
-    if p.exists():
-        raise InputError(f"{p}: cannot tell the format from the name", hint="set source.format")
-    if looks_local(path_or_name):
-        raise InputError(f"{path_or_name}: no such file or folder")
-    if _HUB_NAME.match(path_or_name) and "/" in path_or_name:
-        return "hub"
-    raise InputError(f"{path_or_name}: no such file, and not a Hub dataset name (owner/name)")
-
-
-def looks_local(name: str) -> bool:
-    """A name only a local path can have: Hub names are `owner/name` of letters, digits and `-_.` (a version
-    like `OpenHermes-2.5` is fine), never with a data-file suffix, a leading `.`/`~`/`/`, a second `/` or `\\`."""
-    return (
-        name.startswith((".", "~", "/"))
-        or "\\" in name
-        or name.count("/") > 1
-        or Path(name).suffix.lower() in _FILE_SUFFIXES
-    )
+    """The container (jsonl, json, csv, parquet, hf-disk, hub) of a source: `source.format`, or from the name."""
+    return detect_container(path_or_name, cfg.format, hint=_HINT)
 
 
 def open_source(path_or_name: str, cfg: SourceConfig | None = None) -> QuerySource:
     """Check the input exists and pick its format; nothing is read until iteration."""
     cfg = cfg or SourceConfig()
-    path_or_name = os.path.expanduser(str(path_or_name))  # a quoted '~/q.jsonl' is not expanded by the shell
-    fmt = detect_format(path_or_name, cfg)
-    if fmt != "hub" and not Path(path_or_name).exists():
-        raise InputError(f"{path_or_name}: no such file or folder")
-    return QuerySource(str(path_or_name), cfg, fmt)
+    reader = open_rows(
+        path_or_name,
+        cfg.format,
+        split=cfg.split,
+        subset=cfg.subset,
+        on_columns=lambda where, names: _check_columns(where, names, cfg),
+        hint=_HINT,
+    )
+    return QuerySource(reader, cfg)
 
 
 class QuerySource:
     """Iterable of Query; each iteration re-reads the input and resets the counters."""
 
-    def __init__(self, path_or_name: str, cfg: SourceConfig, fmt: str):
-        self.path, self.cfg, self.format = path_or_name, cfg, fmt
-        self.skipped = 0
+    def __init__(self, reader: RowReader, cfg: SourceConfig):
+        self.reader, self.cfg = reader, cfg
+        self.path, self.format = reader.path, reader.container
+        self.stats = ReadStats()
         self.duplicates = 0
-        self.rows_read = 0
-        self.bad_examples: list[str] = []
-        self._file: BinaryIO | None = None
+
+    @property
+    def skipped(self) -> int:
+        return self.stats.skipped
+
+    @property
+    def rows_read(self) -> int:
+        return self.stats.rows
+
+    @property
+    def bad_examples(self) -> list[str]:
+        return self.stats.bad_examples
 
     @property
     def position(self) -> int | None:
         """Bytes read from disk so far (JSONL/CSV while iterating; read-ahead included)."""
-        if self._file is None or self._file.closed:
-            return None
-        return os.lseek(self._file.fileno(), 0, os.SEEK_CUR)
+        return self.reader.position
 
     def count_hint(self, scan: bool = False) -> int | None:
         """Rows to expect: free for Parquet and `datasets` folders; JSONL/CSV lines are counted only if `scan`
         (a fast byte scan: blank lines and multi-line CSV cells make it approximate)."""
-        n: int | None = None
-        if self.format == "parquet":
-            import pyarrow.parquet as pq
-
-            n = pq.ParquetFile(self.path).metadata.num_rows
-        elif self.format == "hf-disk":
-            n = len(_load_disk(self.path, self.cfg))
-        elif scan and self.format in ("jsonl", "csv"):
-            with open(self.path, "rb") as raw, _maybe_gunzip(self.path, raw) as f:
-                n = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-            n -= self.format == "csv"
+        n = self.reader.count_hint(scan)
         if n is not None and self.cfg.limit:
             n = min(n, self.cfg.limit)
         return n
 
     def __iter__(self) -> Iterator[Query]:
-        self.skipped = self.duplicates = self.rows_read = 0
-        self.bad_examples = []
+        self.stats, self.duplicates = ReadStats(), 0
         seen: set[int] = set()
         produced = 0
-        for loc, row in self._rows():
-            self.rows_read += 1
+        for raw in self.reader:
+            self.stats.rows += 1
             try:
-                query, explicit = to_query(row, self.cfg)
+                query, explicit = to_query(raw.value, self.cfg)
                 key = int.from_bytes(hashlib.blake2b(query.id.encode(), digest_size=8).digest(), "big")
                 if key in seen:
                     if not explicit:
@@ -150,72 +111,16 @@ class QuerySource:
                     raise BadRow(f"id {query.id!r} repeats an earlier row's id")
                 seen.add(key)
             except BadRow as exc:
-                self._bad(f"{loc}: {exc}")
+                self.stats.bad(
+                    f"{raw.where}: {exc}",
+                    skip=self.cfg.skip_bad_rows,
+                    hint="fix the row, or set source.skip_bad_rows: true to skip and count",
+                )
                 continue
             yield query
             produced += 1
             if self.cfg.limit and produced >= self.cfg.limit:
                 return
-
-    def _bad(self, message: str) -> None:
-        if not self.cfg.skip_bad_rows:
-            raise InputError(message, hint="fix the row, or set source.skip_bad_rows: true to skip and count")
-        self.skipped += 1
-        if len(self.bad_examples) < MAX_BAD_EXAMPLES:
-            self.bad_examples.append(message)
-
-    def _rows(self) -> Iterator[tuple[str, Any]]:
-        if self.format == "jsonl":
-            yield from self._jsonl_rows()
-        elif self.format == "csv":
-            yield from self._csv_rows()
-        elif self.format == "parquet":
-            yield from _parquet_rows(self.path, self.cfg)
-        elif self.format == "hf-disk":
-            yield from _dataset_rows(self.path, _load_disk(self.path, self.cfg), self.cfg)
-        else:
-            yield from _hub_rows(self.path, self.cfg)
-
-    def _jsonl_rows(self) -> Iterator[tuple[str, Any]]:
-        with open(self.path, "rb") as self._file, _maybe_gunzip(self.path, self._file) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
-                    line = line[3:]
-                try:
-                    row: Any = json.loads(line)
-                except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-                    row = BadRow(f"invalid JSON ({getattr(exc, 'msg', None) or exc.__class__.__name__})")
-                yield f"{self.path}:{lineno}", row
-
-    def _csv_rows(self) -> Iterator[tuple[str, Any]]:
-        csv.field_size_limit(2**31 - 1)  # long prompts are normal; the default 128 KiB cell limit is not
-        delimiter = "\t" if ".tsv" in [s.lower() for s in Path(self.path).suffixes] else ","
-        with (
-            open(self.path, "rb") as self._file,
-            _maybe_gunzip(self.path, self._file) as raw,
-            io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text,
-        ):
-            reader = csv.reader(text, delimiter=delimiter)
-            try:
-                header = next(reader, None)
-                if header is None:
-                    return
-                _check_columns(self.path, header, self.cfg)
-                while True:
-                    start = reader.line_num + 1
-                    cells = next(reader, None)
-                    if cells is None:
-                        return
-                    if not any(c.strip() for c in cells):
-                        continue
-                    row: Any = dict(zip(header, cells, strict=False))
-                    if len(cells) != len(header):
-                        row = BadRow(f"{len(cells)} cells, the header has {len(header)}")
-                    yield f"{self.path}:{start}", row
-            except (csv.Error, UnicodeDecodeError) as exc:
-                raise InputError(f"{self.path}:{reader.line_num + 1}: unreadable CSV ({exc})") from exc
 
 
 # ---------------------------------------------------------------------------------------------- row → Query
@@ -238,7 +143,7 @@ def _chat(value: list[Any]) -> tuple[str, list[Message], str | None]:
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise BadRow(f"chat turn {i} is not an object")
-        role = m.get("role", _SHAREGPT_ROLE.get(str(m.get("from", "")).lower()))
+        role = m.get("role", SHAREGPT_ROLES.get(str(m.get("from", "")).lower()))
         content = m.get("content", m.get("value"))
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
             raise BadRow(f"chat turn {i} needs a role (system/user/assistant) and string content")
@@ -287,70 +192,9 @@ def to_query(row: Any, cfg: SourceConfig) -> tuple[Query, bool]:
     return query, given_id is not None
 
 
-# ---------------------------------------------------------------------------------------------- readers
-
-
-def _maybe_gunzip(path: str, f: BinaryIO) -> BinaryIO:
-    return gzip.GzipFile(fileobj=f, mode="rb") if path.lower().endswith(".gz") else f  # type: ignore[return-value]
-
-
 def _check_columns(where: str, columns: list[str], cfg: SourceConfig) -> None:
     if cfg.fields.question not in columns:
         raise InputError(
             f"{where}: no column {cfg.fields.question!r} (columns: {', '.join(map(str, columns))})",
             hint="map it with source.fields.question",
         )
-
-
-def _parquet_rows(path: str, cfg: SourceConfig) -> Iterator[tuple[str, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
-    try:
-        _check_columns(path, pf.schema_arrow.names, cfg)
-        index = 0
-        for batch in pf.iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                yield f"{path}:row {index}", row
-                index += 1
-    finally:
-        pf.close()
-
-
-def _load_disk(path: str, cfg: SourceConfig) -> Any:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(path)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable datasets folder ({exc})") from exc
-    if isinstance(ds, datasets.DatasetDict):
-        if cfg.split not in ds:
-            raise InputError(f"{path}: no split {cfg.split!r} (splits: {', '.join(ds)})", hint="set source.split")
-        ds = ds[cfg.split]
-    return ds
-
-
-def _dataset_rows(where: str, ds: Any, cfg: SourceConfig) -> Iterator[tuple[str, Any]]:
-    _check_columns(where, list(ds.column_names), cfg)
-    index = 0
-    for batch in ds.iter(batch_size=1000):
-        columns = list(batch)
-        for values in zip(*(batch[c] for c in columns), strict=True):
-            yield f"{where}:row {index}", dict(zip(columns, values, strict=True))
-            index += 1
-
-
-def _hub_rows(name: str, cfg: SourceConfig) -> Iterator[tuple[str, Any]]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, cfg.subset, split=cfg.split, streaming=True)
-    except (OSError, ValueError) as exc:  # DatasetNotFoundError and offline errors are OSError subclasses
-        raise InputError(f"{name}: cannot open Hub dataset ({exc})", hint="check the name, split and network") from exc
-    for index, row in enumerate(ds):
-        yield f"{name}:row {index}", row

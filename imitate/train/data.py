@@ -1,4 +1,6 @@
-"""Records in for training: read a harvest output dir, a dataset folder, or a JSONL/Parquet file of `Record`s.
+"""Records in for training: imitate records (a harvest output dir, a folder or file of records) or any format
+`imitate.dataset.formats` reads — OpenOrca, ShareGPT, Alpaca, OpenAI-style messages — from a JSON/JSONL/CSV/Parquet
+file, a `save_to_disk` folder or a Hub dataset name, with no conversion step.
 
 Only completed records (`status == "ok"`) train. A directory is read as every `*.jsonl` (except the harvester's
 `failures.jsonl`) and `*.parquet` file in it, in name order. Also here: the per-stage selection (by teacher,
@@ -9,67 +11,27 @@ hash stamped next to the adapter.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from imitate.dataset.formats import read_records
+from imitate.dataset.io import looks_local
 from imitate.errors import InputError
-from imitate.records import Record, canonical_json, read_jsonl
-
-_SKIP = {"failures.jsonl"}
+from imitate.records import Record, canonical_json
 
 
-def _files(path: Path) -> list[Path]:
-    if not path.exists():
-        raise InputError(f"training data {path} does not exist")
-    if path.is_file():
-        if path.suffix not in {".jsonl", ".parquet"}:
-            raise InputError(f"training data {path}: expected a .jsonl or .parquet file or a directory")
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.suffix in {".jsonl", ".parquet"} and p.name not in _SKIP)
-    if not files:
-        raise InputError(f"training data {path}: no *.jsonl or *.parquet record files in this directory")
-    return files
-
-
-def _read_parquet(path: Path) -> Iterator[Record]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
-    for i, row in enumerate(table.to_pylist(), 1):
-        try:
-            if "json" in row and len(row) == 1:
-                yield Record.from_json(row["json"])
-            else:
-                yield Record.model_validate(_drop_none(row))
-        except ValueError as exc:
-            first = str(exc).splitlines()[0]
-            raise InputError(f"{path}: row {i}: not a valid record ({first})") from exc
-
-
-def _drop_none(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, list):
-        return [_drop_none(v) for v in obj]
-    return obj
-
-
-def load_records(path: Path | str) -> list[Record]:
+def load_records(path: Path | str, format: str = "auto") -> list[Record]:
     """Every completed record under `path`, first occurrence of each id kept. InputError if there are none."""
     path = Path(path).expanduser()
+    if not path.exists() and looks_local(str(path)):
+        raise InputError(f"training data {path} does not exist")
     seen: set[str] = set()
     out: list[Record] = []
-    for file in _files(path):
-        rows = _read_parquet(file) if file.suffix == ".parquet" else read_jsonl(file)
-        for rec in rows:
-            if rec.status == "ok" and rec.id not in seen:
-                seen.add(rec.id)
-                out.append(rec)
+    for rec in read_records(path, format):
+        if rec.status == "ok" and rec.id not in seen:
+            seen.add(rec.id)
+            out.append(rec)
     if not out:
         raise InputError(f"training data {path}: no completed (status ok) records")
     return out
