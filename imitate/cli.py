@@ -222,6 +222,91 @@ def status_cmd(out: Path = typer.Argument(..., metavar="DIR", help="The --out di
     typer.echo(json.dumps(status(out), indent=2))
 
 
+@app.command("mix")
+def mix_cmd(
+    inputs: list[str] = typer.Argument(
+        ..., metavar="IN[=WEIGHT|:COUNT]...", help="Record sets: IN=0.3 a share, IN:500 a count, IN all of it."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: records.jsonl + manifest.json."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the (deterministic) choice of records."),
+    total: int | None = typer.Option(None, "--total", help="Records in the mix (default: the most the sets allow)."),
+    format: str = typer.Option("auto", "--format", help="Format of the inputs: auto or a format name."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip and count malformed input rows."),
+) -> None:
+    """Mix record sets by weights or counts (Koala), seeded, provenance kept, each record tagged mix:<set>."""
+    import shlex
+
+    from imitate.config import redact_text
+    from imitate.dataset.mix import mix, parse_specs
+
+    command = redact_text(shlex.join(["imitate", *(_state["argv"] or ["mix"])]))
+    m = mix(parse_specs(inputs), out, seed=seed, total=total, fmt=format, skip_bad_rows=skip_bad_rows, command=command)
+    for s in m["sets"]:
+        typer.echo(f"{s['name']}: {s['taken']} of {s['available']} ({s['share']:.1%}, {s['spec']})")
+    typer.echo(f"{m['records']} records -> {out / 'records.jsonl'}")
+
+
+@app.command("export")
+def export_cmd(
+    data: Path = typer.Argument(..., metavar="DIR", help="Records: a harvest/curate/mix output dir or a data file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (Parquet shards + README.md card)."),
+    format: str = typer.Option("messages", "--format", help="openorca, sharegpt, alpaca, messages or imitate."),
+    hub: str | None = typer.Option(None, "--hub", help="Also push the folder to this Hub dataset repo (user/name)."),
+    private: bool = typer.Option(False, "--private", help="Create the Hub repo private."),
+    licence: str = typer.Option("unknown", "--licence", "--license", help="Hub licence id for the card."),
+    language: list[str] | None = typer.Option(None, "--language", help="Language code(s) for the card (default en)."),
+    name: str | None = typer.Option(None, "--name", help="The card's pretty_name (default: the DIR name)."),
+    test_fraction: float = typer.Option(0.0, "--test-fraction", help="Share of rows (by id hash) in a test split."),
+    shard_rows: int = typer.Option(100_000, "--shard-rows", help="Rows per Parquet shard."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip and count rows the format cannot hold."),
+) -> None:
+    """Write a Hub dataset folder (Parquet + provenance card) and optionally push it with huggingface_hub."""
+    import shlex
+
+    from imitate.config import redact_text
+    from imitate.errors import InputError
+    from imitate.export import export
+    from imitate.export.hub import check_repo_id, hub_token, push
+
+    if private and not hub:
+        raise InputError("--private applies to a push: add --hub user/name")
+    token = None
+    if hub:  # a bad repo id or no token stops here, before any work
+        check_repo_id(hub)
+        token = hub_token()
+    command = redact_text(shlex.join(["imitate", *(_state["argv"] or ["export"])]), [token] if token else None)
+    result = export(data, out, fmt=format, licence=licence, languages=tuple(language or ["en"]), pretty_name=name,
+                    test_fraction=test_fraction, shard_rows=shard_rows, skip_bad_rows=skip_bad_rows, command=command,
+                    extra_secrets=[token] if token else None, load_name=hub)  # fmt: skip
+    rows = ", ".join(f"{n} {split}" for split, n in result.rows.items())
+    typer.echo(f"{rows} rows ({format}) -> {out}")
+    if hub and token:
+        url = push(out, hub, private=private, token=token, commit_message=f"imitate export: {rows} rows ({format})")
+        typer.echo(f"pushed -> {url}")
+
+
+@app.command("convert")
+def convert_cmd(
+    input: str = typer.Argument(
+        ..., metavar="IN", help="JSON/JSONL/CSV/Parquet file, records folder, save_to_disk folder or Hub name."
+    ),
+    to: str = typer.Option(..., "--to", help="Output format: openorca, sharegpt, alpaca, messages or imitate."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file: .jsonl, .json, .csv, .tsv or .parquet."),
+    format: str = typer.Option("auto", "--format", help="Input format (default: detected from the columns)."),
+    split: str | None = typer.Option(None, "--split", help="Split of a datasets folder or Hub dataset."),
+    skip_bad_rows: bool = typer.Option(
+        False, "--skip-bad-rows", help="Skip and count bad rows and records the output format cannot hold."
+    ),
+) -> None:
+    """Convert between OpenOrca, ShareGPT, Alpaca, messages and imitate records (written atomically)."""
+    from imitate.dataset.convert import convert
+
+    result = convert(input, out, to, format=format, split=split, skip_bad_rows=skip_bad_rows)
+    for example in result.examples():
+        typer.echo(f"skipped: {example}", err=True)
+    typer.echo(result.summary())
+
+
 @app.command("train")
 def train_cmd(
     data: Path = typer.Argument(..., help="Harvest output dir, dataset folder, or JSONL/Parquet file of records."),
