@@ -114,6 +114,32 @@ def test_every_assistant_turn_ends_with_supervised_end_of_turn(fmt, tok):
     assert tok.decode([ex.input_ids[i] for i in runs[1]]) == "Green, like grass.<|im_end|>"
 
 
+def test_imported_sharegpt_record_supervises_every_assistant_turn(fmt, tok, tmp_path):
+    """`imitate import sharegpt` makes one multi-turn record; the trainer learns each of its assistant turns."""
+    from imitate.dataset.sharegpt_import import import_sharegpt
+    from imitate.records import read_jsonl
+
+    turns = [("human", "Name a colour."), ("gpt", "<p>Blue.</p>"), ("human", "Another?")]
+    turns += [("gpt", "<p>Green, like <strong>grass</strong>.</p>"), ("human", "One more?"), ("gpt", "Red.")]
+    rows = [{"id": "sg", "conversations": [{"from": r, "value": v} for r, v in turns]}]
+    (tmp_path / "sg.json").write_text(json.dumps(rows))
+    import_sharegpt(tmp_path / "sg.json", tmp_path / "out")
+    [record] = read_jsonl(tmp_path / "out" / "records.jsonl")
+    [ex], summary = tokenize([record], fmt, max_length=512)
+    assert summary.kept == 1
+    runs, current = [], []
+    for tid, label in zip(ex.input_ids, ex.labels, strict=True):
+        if label != IGNORE:
+            current.append(tid)
+        elif current:
+            runs, current = [*runs, current], []
+    assert [tok.decode(run) for run in runs] == [
+        "Blue.<|im_end|>",
+        "Green, like **grass**.<|im_end|>",
+        "Red.<|im_end|>",
+    ]
+
+
 def _refusal(messages, fmt, **kw) -> Reason:
     with pytest.raises(Refusal) as info:
         encode(messages, fmt, **{"max_length": 512, **kw})

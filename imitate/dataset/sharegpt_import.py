@@ -215,6 +215,14 @@ def import_sharegpt(source: str | Path, out: Path, settings: ImportSettings | No
 
     reader = open_rows(source, on_columns=on_columns)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory", hint="choose a directory for the output")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(
+            f"--out {out}: cannot write there ({exc.strerror})", hint="choose a writable directory"
+        ) from exc
     started = time.time()
     with atomic_path(out / "records.jsonl") as rec_tmp, atomic_path(out / "dropped.jsonl") as drop_tmp:
         with open(rec_tmp, "w", encoding="utf-8") as rec_f, open(drop_tmp, "w", encoding="utf-8") as drop_f:
