@@ -103,6 +103,13 @@ def test_plain_text_passes_through_unchanged(text):
     assert to_markdown(text) == (text, False)
 
 
+def test_a_chatgpt_code_block_left_inside_markdown_is_converted_in_place():
+    code_block = CHATGPT_HTML[CHATGPT_HTML.index("<pre>") : CHATGPT_HTML.index("</pre>") + 6]
+    value = f"Steps:\n\n1. **Route**\n* define_it\n\n{code_block}\n\nDone."
+    fenced = CHATGPT_MARKDOWN[CHATGPT_MARKDOWN.index("```python") : CHATGPT_MARKDOWN.index("```\n\n1.") + 3]
+    assert to_markdown(value) == (f"Steps:\n\n1. **Route**\n* define_it\n\n{fenced}\n\nDone.", True)
+
+
 def test_counter_glued_to_a_typed_value_is_removed():
     assert to_markdown("1 / 1Write a poem about the sea") == ("Write a poem about the sea", False)
 

@@ -8,7 +8,8 @@ regenerated answers glued to the front of the value. `to_markdown` turns that ba
 - code blocks become fenced blocks with their language (from `language-*`), the header and button gone;
 - KaTeX becomes its TeX source between `$` (inline) or `$$` (display);
 - `*` and `_` are not escaped: the model wrote `snake_case`, not `snake\\_case`, and the student should too;
-- a value that is not HTML (a user's typed text) passes through unchanged, whatever `<`, `*` or `&` it holds.
+- a value that is not HTML (a user's typed text) passes through unchanged, whatever `<`, `*` or `&` it holds;
+  only a ChatGPT code block left as HTML inside Markdown (`<pre><div ...>...</pre>`) is converted in place.
 
 Which values are HTML is decided by `looks_like_html`: the text (after the counter) opens with one of the
 block tags ChatGPT's renderer emits and ends with a closing tag. A user asking "how do I center a <div>?"
@@ -31,6 +32,9 @@ _COUNTER = re.compile(r"^\s*\d+\s*/\s*\d+(?=\S)")
 # The "Copy1,234 chars / 210 words" badge a popular browser extension added to exported answers.
 _COPY_BADGE = re.compile(r"Copy[\d,]+ chars / [\d,]+ words")
 _BLANK_RUNS = re.compile(r"\n{3,}")
+# A ChatGPT code block (a <pre> wrapping the page's <div> furniture) inside text that is otherwise Markdown, as
+# some export tools leave it: only that block is converted, so the Markdown around it keeps its line breaks.
+_EMBEDDED_CODE_BLOCK = re.compile(r"<pre\b[^<>]*>\s*<div\b.*?</pre>", re.IGNORECASE | re.DOTALL)
 
 
 def strip_counter(text: str) -> str:
@@ -91,7 +95,8 @@ def to_markdown(value: str) -> tuple[str, bool]:
     (only the glued regenerate counter is removed)."""
     text = strip_counter(value)
     if not looks_like_html(text):
-        return text, False
+        blocks = _EMBEDDED_CODE_BLOCK.subn(lambda m: f"\n\n{_converter.convert(m.group(0)).strip()}\n\n", text)
+        return (_BLANK_RUNS.sub("\n\n", blocks[0]).strip(), True) if blocks[1] else (text, False)
     markdown = _converter.convert(text)
     markdown = _COPY_BADGE.sub("", markdown)
     return _BLANK_RUNS.sub("\n\n", markdown).strip(), True
