@@ -4,7 +4,8 @@
     imitate config show [--config FILE] [--set k=v]
     imitate fake-teacher --port 8089 [--rpm N --tpm N --faults 500=0.02,reset=0.01]
     imitate harvest INPUT --out DIR [...]      |   imitate status DIR
-    imitate train DATA --out DIR [...]         |   imitate merge ... | imitate chat ...
+    imitate convert IN --to FORMAT --out PATH  |   imitate train DATA --out DIR [...]
+    imitate merge ... | imitate chat ...
 
 Exit codes: an ImitateError is one line on stderr and its own code (`--debug` adds the traceback, same code); a
 usage error prints click's usage line and exits 2; Ctrl-C at any moment exits 130 with a message (the console
@@ -309,7 +310,9 @@ def convert_cmd(
 
 @app.command("train")
 def train_cmd(
-    data: Path = typer.Argument(..., help="Harvest output dir, dataset folder, or JSONL/Parquet file of records."),
+    data: Path = typer.Argument(
+        ..., help="Records (harvest dir, JSONL/Parquet), or an OpenOrca/ShareGPT/Alpaca/messages file or dataset."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (adapter, metrics, loss curve)."),
     model: str | None = typer.Option(None, "--model", help="Student: local HF folder, .gguf file, or Hub name."),
     config: Path | None = ConfigOpt,

@@ -8,7 +8,8 @@
 Formats (`FORMAT_NAMES`) and how a row becomes a conversation (a list of system/user/assistant messages):
 - openorca  `id`, `system_prompt` (may be empty: no system message), `question`, `response`.
 - sharegpt  `{"id", "conversations": [{"from", "value"}, ...]}`, optional `model`; roles human/user → user,
-            gpt/chatgpt/bard/bing/assistant → assistant, system (any case). Text is kept as is (HTML cleaning is
+            gpt/chatgpt/bard/bing/assistant → assistant, system (any case), written back as human/gpt/system (the
+            spelling of a role is not kept, its meaning is). Text is kept as is (HTML cleaning is
             `imitate import sharegpt`).
 - alpaca    `instruction`, `input` (may be empty), `output`. The user turn is the instruction, or, with an input,
             `instruction + "\\n\\n" + input` (what the student sees); the input is also kept in
@@ -168,6 +169,7 @@ def _read_one(name: str, format: str, skip: bool, stats: ReadStats, split, subse
             stats.bad(f"{raw.where}: {exc}", skip=skip, hint=_SKIP_HINT)
             continue
         stats.kept += 1
+        stats.formats[fmt] += 1
         yield record
 
 
@@ -201,7 +203,7 @@ def _items(row: dict[str, Any], name: str) -> list[Any]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise BadRow(f"field {name!r}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+            raise BadRow(f"field {name!r}: invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})") from exc
     if value is None:
         raise BadRow(f"missing field {name!r}")
     if not isinstance(value, list):

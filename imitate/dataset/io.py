@@ -71,6 +71,7 @@ class ReadStats:
     skipped: int = 0
     bad_examples: list[str] = field(default_factory=list)
     notes: Counter = field(default_factory=Counter)
+    formats: Counter = field(default_factory=Counter)  # rows kept, by the format they were read as
 
     def bad(self, message: str, *, skip: bool, hint: str | None = None) -> None:
         if not skip:
@@ -220,7 +221,7 @@ class RowReader:
                 header = next(reader, None)
                 if header is None:
                     return
-                self.on_columns(self.path, header)
+                self.on_columns(f"{self.path}:{reader.line_num}", header)
                 index = 0
                 while True:
                     start = reader.line_num + 1
@@ -307,9 +308,9 @@ def _parse_line(line: bytes) -> Any:
     except UnicodeDecodeError as exc:
         return BadRow(f"not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1})")
     try:
-        return json.loads(text)
+        return json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
-        return BadRow(f"invalid JSON ({exc.msg} at column {exc.colno})")
+        return BadRow(f"invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})")
 
 
 def _utf8_lines(raw: BinaryIO, path: str) -> Iterator[str]:

@@ -22,11 +22,11 @@ UTF8_HINT = "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
 class JsonArray:
     """Elements of a top-level JSON array, one at a time, each with the line it starts on."""
 
-    def __init__(self, f: BinaryIO, path: str):
+    def __init__(self, f: BinaryIO, path: str, chunk: int = 1 << 20):
         self.f, self.path = f, path
         self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
         self.buf, self.pos, self.line, self.eof = "", 0, 1, False
-        self.chunk = 1 << 20
+        self.base_chunk = self.chunk = chunk
 
     def _more(self) -> bool:
         """Append the next chunk to the buffer (dropping what was consumed). False at end of file."""
@@ -70,10 +70,10 @@ class JsonArray:
                 if cut and self._more():
                     self.chunk = min(self.chunk * 2, 1 << 28)
                     continue
-                raise self._error(exc.msg, exc.pos) from exc
+                raise self._error(exc.msg.removesuffix(" at"), exc.pos) from exc
             if end == len(self.buf) and self._more():  # a number may go on in the next chunk
                 continue
-            self.chunk = 1 << 20
+            self.chunk = self.base_chunk
             self._advance(end)
             return value
 
