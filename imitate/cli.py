@@ -308,6 +308,80 @@ def convert_cmd(
     typer.echo(result.summary())
 
 
+@app.command("curate")
+def curate_cmd(
+    input: str = typer.Argument(
+        ..., metavar="IN", help="Records (harvest dir, JSONL/Parquet) or any format convert reads."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output dir: records.jsonl, dropped.jsonl, manifest.json."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    format: str = typer.Option("auto", "--format", help="Input format (default: detected from the columns)."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip and count malformed input rows."),
+    erase_system: str | None = typer.Option(None, "--erase-system", help="generic or none: prompt erasure (Orca 2)."),
+    keep_failed: bool = typer.Option(False, "--keep-failed", help="Do not drop failed rows."),
+    keep_truncated: bool = typer.Option(False, "--keep-truncated", help="Do not drop finish_reason=length rows."),
+    keep_refusals: bool = typer.Option(False, "--keep-refusals", help="Do not drop refusals and AI disclaimers."),
+    phrases: Path | None = typer.Option(None, "--phrases", help="More refusal/disclaimer phrases (YAML or lines)."),
+    min_words: int | None = typer.Option(None, "--min-words", help="Drop answers with fewer words (default 1)."),
+    min_steps: int | None = typer.Option(None, "--min-steps", help="Drop answers with fewer reasoning steps."),
+    max_words: int | None = typer.Option(None, "--max-words", help="Drop conversations longer than this (words)."),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", help="...or than this many tokens (needs --tokenizer)."
+    ),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help="The student's tokenizer.json (or model folder)."),
+    no_exact_dup: bool = typer.Option(False, "--no-exact-dup", help="Keep exact duplicates."),
+    no_near_dup: bool = typer.Option(False, "--no-near-dup", help="Keep near-duplicates (MinHash + LSH)."),
+    near_dup_threshold: float | None = typer.Option(None, "--near-dup-threshold", help="Jaccard threshold (0.8)."),
+    num_perm: int | None = typer.Option(None, "--num-perm", help="MinHash permutations (128)."),
+    shingle: int | None = typer.Option(None, "--shingle", help="Shingle size (5)."),
+    shingle_unit: str | None = typer.Option(None, "--shingle-unit", help="word (default) or char shingles."),
+    max_rouge: float | None = typer.Option(None, "--max-rouge", help="Drop questions with ROUGE-L above this (0.7)."),
+    lang: str | None = typer.Option(None, "--lang", help="Keep only these languages, e.g. en or en,de."),
+    top_k: int | None = typer.Option(None, "--top-k", help="LIMA-style: keep the k best-scoring rows."),
+    score_field: str | None = typer.Option(None, "--score-field", help="Score by record.scores[NAME] (heuristic)."),
+    per_cluster: int | None = typer.Option(None, "--per-cluster", help="With --top-k: at most M per near-dup cluster."),
+    per_collection: int | None = typer.Option(None, "--per-collection", help="With --top-k: at most M per collection."),
+) -> None:
+    """Drop failed, truncated, refused, short, long, duplicate rows (each gate counted, each drop kept with its
+    reason), optionally select the top k (LIMA) and erase the system prompt (Orca 2)."""
+    import shlex
+
+    from imitate.config import load_config, redact_text
+    from imitate.dataset.curate import curate, flag_overrides
+
+    flags = dict(
+        erase_system=erase_system,
+        keep_failed=keep_failed,
+        keep_truncated=keep_truncated,
+        keep_refusals=keep_refusals,
+        phrases=str(phrases) if phrases else None,
+        min_words=min_words,
+        min_steps=min_steps,
+        max_words=max_words,
+        max_tokens=max_tokens,
+        tokenizer=tokenizer,
+        no_exact_dup=no_exact_dup,
+        no_near_dup=no_near_dup,
+        near_dup_threshold=near_dup_threshold,
+        num_perm=num_perm,
+        shingle=shingle,
+        shingle_unit=shingle_unit,
+        max_rouge=max_rouge,
+        lang=lang,
+        top_k=top_k,
+        score_field=score_field,
+        per_cluster=per_cluster,
+        per_collection=per_collection,
+    )
+    cfg = load_config(config, (set_ or []) + flag_overrides(**flags))
+    _check_writable(out)
+    command = redact_text(shlex.join(["imitate", *(_state["argv"] or ["curate"])]))
+    m = curate(input, out, cfg.curate, format=format, skip_bad_rows=skip_bad_rows, command=command)
+    dropped = ", ".join(f"{g} {n}" for g, n in m["gates"].items() if n) or "none"
+    typer.echo(f"{m['input']['read']} rows: kept {m['output']['kept']}, dropped {dropped} -> {out}")
+
+
 @app.command("train")
 def train_cmd(
     data: Path = typer.Argument(

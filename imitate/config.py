@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from imitate.dataset.curate_config import CurateConfig
 from imitate.errors import ConfigError
 from imitate.records import GenerationParams
 
@@ -165,6 +166,7 @@ class ImitateConfig(_Cfg):
     harvest: HarvestConfig = Field(default_factory=HarvestConfig)
     prices: dict[str, Price] = Field(default_factory=dict, description="USD per million tokens, by model name")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())  # defined in the train section below
+    curate: CurateConfig = Field(default_factory=CurateConfig)  # imitate/dataset/curate_config.py
 
     def price_for(self, model: str) -> Price:
         return self.prices.get(model, Price())

@@ -52,6 +52,13 @@ class ExactDuplicateIndex:
     def __len__(self) -> int:
         return len(self._first)
 
+    def first(self, digest: bytes) -> str | None:
+        """The key of the kept row with this `text_hash`, if any."""
+        return self._first.get(digest)
+
+    def add(self, digest: bytes, key: str) -> None:
+        self._first.setdefault(digest, key)
+
     def check_and_add(self, key: str, text: str) -> str | None:
         """The key of an earlier row with the same normalised text, or None (and this row is remembered)."""
         digest = text_hash(text)
@@ -179,12 +186,20 @@ class NearDuplicateIndex:
             for i, salt in enumerate(self._band_salts)
         ]
 
-    def check_and_add(self, key: str, text: str) -> str | None:
-        """The key of a kept row this text collides with in some LSH band, or None (and it is added)."""
+    def check(self, text: str) -> tuple[str | None, list[int]]:
+        """(key of a kept row this text collides with in some LSH band, or None; the text's band hashes, which
+        `add` takes so that a row checked first is not hashed twice)."""
         hashes = self._band_hashes(self.minhash(text).hashvalues)
         row = self._store.find(hashes)
-        if row is not None:
-            return self._keys[row]
+        return (self._keys[row] if row is not None else None), hashes
+
+    def add(self, key: str, hashes: list[int]) -> None:
         self._store.add(hashes, len(self._keys))
         self._keys.append(key)
-        return None
+
+    def check_and_add(self, key: str, text: str) -> str | None:
+        """The key of a kept row this text collides with in some LSH band, or None (and it is added)."""
+        head, hashes = self.check(text)
+        if head is None:
+            self.add(key, hashes)
+        return head
