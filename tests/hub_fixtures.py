@@ -7,6 +7,7 @@ the legacy Git LFS path it falls back to is the Hub's other, still supported, up
 
     POST /api/repos/create                                  {"name", "organization", "type", "visibility"}
     POST /api/validate-yaml                                 the README.md front matter, checked before upload
+    GET  /api/datasets/{ns}/{name}                          dataset_info: is an existing repo private?
     GET  /api/datasets/{ns}/{name}/tree/{rev}               listing for upload_folder(delete_patterns=...)
     POST /api/datasets/{ns}/{name}/preupload/{rev}          per file: uploadMode "regular" or "lfs"
     POST /datasets/{ns}/{name}.git/info/lfs/objects/batch   LFS batch: where to PUT each large/binary file
@@ -72,6 +73,7 @@ class FakeHub:
             [
                 web.post("/api/repos/create", self._create),
                 web.post("/api/validate-yaml", self._validate_yaml),
+                web.get("/api/datasets/{ns}/{name}", self._info),
                 web.get("/api/datasets/{ns}/{name}/tree/{rev}", self._tree),
                 web.post("/api/datasets/{ns}/{name}/preupload/{rev}", self._preupload),
                 web.post("/datasets/{ns}/{name}.git/info/lfs/objects/batch", self._lfs_batch),
@@ -133,6 +135,10 @@ class FakeHub:
         if not isinstance(meta, dict):
             return web.json_response({"errors": [{"message": "no YAML metadata block"}]}, status=400)
         return web.json_response({"errors": [], "warnings": []})
+
+    async def _info(self, request: web.Request) -> web.Response:
+        repo = self._repo(request)
+        return web.json_response({"id": self._repo_id(request), "private": repo["private"], "sha": "0" * 40})
 
     async def _tree(self, request: web.Request) -> web.Response:
         files = self._repo(request)["files"]
@@ -198,5 +204,6 @@ class FakeHub:
                 files.pop(value["path"], None)
         repo["files"] = files
         oid = hashlib.sha1(json.dumps(sorted(files)).encode()).hexdigest()
-        return web.json_response({"commitUrl": f"{self.base_url}/datasets/{self._repo_id(request)}/commit/{oid}",
-                                  "commitOid": oid})  # fmt: skip
+        return web.json_response(
+            {"commitUrl": f"{self.base_url}/datasets/{self._repo_id(request)}/commit/{oid}", "commitOid": oid}
+        )

@@ -85,7 +85,7 @@ def parse_specs(items: list[str]) -> list[SetSpec]:
         weight = count = None
         source = item
         head, sep, tail = item.rpartition("=")
-        if sep and head:
+        if sep and head and not Path(item).exists():  # a file named `a=b.jsonl` is a file
             try:
                 weight = float(tail)
             except ValueError:

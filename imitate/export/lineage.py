@@ -120,6 +120,9 @@ def _walk(obj: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...
     if isinstance(obj, dict):
         for k, v in obj.items():
             yield from _walk(v, (*path, str(k)))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _walk(v, (*path, str(i)))
     else:
         yield path, obj
 
