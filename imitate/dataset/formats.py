@@ -78,7 +78,7 @@ _SHAREGPT_OUT = {"user": "human", "assistant": "gpt", "system": "system"}
 ALPACA_INPUT = "alpaca_input"
 _SKIP_HINT = "fix the row, or skip bad rows (--skip-bad-rows) to drop and count them"
 _RECORD_FILES = (".jsonl", ".ndjson", ".jsonl.gz", ".parquet")
-_NOT_DATA = {"failures.jsonl"}  # the harvester's failed rows, next to its shards
+_NOT_DATA = {"failures.jsonl", "dropped.jsonl"}  # failed rows (harvest) and dropped rows (curate, import)
 
 
 def detect_format(columns: Iterable[str]) -> str | None:
