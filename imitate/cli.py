@@ -4,6 +4,7 @@
     imitate config show [--config FILE] [--set k=v]
     imitate fake-teacher --port 8089 [--rpm N --tpm N --faults 500=0.02,reset=0.01]
     imitate harvest INPUT --out DIR [...]      |   imitate status DIR
+    imitate generate self-instruct SEEDS --out DIR --target N [...]
     imitate convert IN --to FORMAT --out PATH  |   imitate train DATA --out DIR [...]
     imitate merge ... | imitate chat ...
 
@@ -453,6 +454,69 @@ def import_sharegpt_cmd(
     )
     summary = import_sharegpt(input, out, settings)
     typer.echo("; ".join(summary.lines()) + f" -> {out}")
+
+
+generate_app = typer.Typer(help="Generate new training data with a teacher.", no_args_is_help=True)
+app.add_typer(generate_app, name="generate")
+
+
+@generate_app.command("self-instruct")
+def generate_self_instruct_cmd(
+    seeds: str = typer.Argument(
+        ..., metavar="SEEDS", help="Seed tasks: Self-Instruct's seed JSONL or instruction rows."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (tasks, records, manifest, journals)."),
+    target: int = typer.Option(..., "--target", "-n", min=1, help="Answered tasks to produce."),
+    per_round: int = typer.Option(4, "--per-round", min=1, help="Generation prompts asked at once per round."),
+    max_rounds: int | None = typer.Option(None, "--max-rounds", min=1, help="Stop after this many rounds."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    base_url: str | None = typer.Option(None, help="Teacher base URL (first teacher)."),
+    model: str | None = typer.Option(None, help="Teacher model (first teacher)."),
+    api_key_env: str | None = typer.Option(None, help="Env var holding the API key (first teacher)."),
+    rpm: int | None = typer.Option(None, help="Requests per minute (first teacher)."),
+    tpm: int | None = typer.Option(None, help="Tokens per minute (first teacher)."),
+    preset: str | None = typer.Option(None, help="System-message preset for the answers (orca, none, ...)."),
+    max_usd: float | None = typer.Option(None, help="Stop before spending more than this (both steps, all runs)."),
+    max_tokens: int | None = typer.Option(None, help="Stop before using more tokens than this."),
+    max_requests: int | None = typer.Option(None, help="Stop before sending more requests than this."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No config dump, no per-round lines."),
+    json_log: bool = typer.Option(False, "--json-log", help="Harvest progress as JSON lines on stderr."),
+) -> None:
+    """Self-Instruct (Alpaca): the teacher writes new tasks from seed tasks, they are filtered, then answered."""
+    from imitate.config import load_config, redact_command, to_yaml
+    from imitate.dataset.selfinstruct_run import self_instruct
+
+    overrides = (set_ or []) + _flag_overrides(
+        base_url=base_url, model=model, api_key_env=api_key_env, rpm=rpm, tpm=tpm, preset=preset,
+        max_usd=max_usd, max_tokens=max_tokens, max_requests=max_requests,
+    )  # fmt: skip
+    cfg = load_config(config, overrides)
+    _check_writable(out)
+    command = redact_command(cfg, _state["argv"] or ["generate", "self-instruct"])
+    if not quiet:
+        typer.echo(to_yaml(cfg, command), err=True)
+    log = None if quiet else (lambda line: typer.echo(line, err=True))
+    outcome = _run_async(
+        lambda: self_instruct(
+            cfg,
+            seeds,
+            out,
+            target=target,
+            per_round=per_round,
+            max_rounds=max_rounds,
+            command=command,
+            progress="json" if json_log else "quiet",
+            log=log,
+        )  # fmt: skip
+    )
+    m = outcome.manifest
+    typer.echo(
+        f"{m['status']}: {m['answered']}/{m['target']} tasks answered, {m['kept']} kept of {m['generated']} "
+        f"generated in {m['rounds']} rounds, spend ${m['spend_usd']:.4f} -> {out}"
+    )
+    if outcome.error is not None:
+        raise outcome.error
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from imitate.harvest.plan import Budget, Planner, estimate_request
 from imitate.harvest.progress import Progress
 from imitate.harvest.sources import open_source
 from imitate.prompts import SystemMessageSampler, load_library
+from imitate.records import Query
 
 
 @dataclass
@@ -169,13 +171,16 @@ async def harvest(
     command: str = "imitate harvest",
     progress: str = "live",
     clients: dict[str, Any] | None = None,
+    source: Iterable[Query] | None = None,
 ) -> Outcome:
-    """Harvest `input_path` into `out_dir`. Never raises for a row; returns the manifest and the stop error."""
+    """Harvest `input_path` into `out_dir`. Never raises for a row; returns the manifest and the stop error.
+    `source`: queries made by the caller (`imitate generate`) instead of reading `input_path`, which then only
+    names them in the manifest and messages."""
     h = cfg.harvest
     own_clients = clients is None
     clients = clients if clients is not None else make_clients(cfg)
     planner = build_planner(cfg)
-    source = open_source(input_path, h.source)
+    source = open_source(input_path, h.source) if source is None else source
     started_at = time.time()
     journal = Journal(out_dir, shard_rows=h.shard_rows, fsync_every=h.fsync_every)
     stamp(cfg, out_dir, command)

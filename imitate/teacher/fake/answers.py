@@ -1,5 +1,6 @@
 """What the fake teacher says: its configuration, fault names and parsing, token estimates, and the
-deterministic step-by-step answers built from the prompt (same messages -> same text)."""
+deterministic step-by-step answers built from the prompt (same messages -> same text). A prompt ending in an
+open numbered task ("N. Instruction:", a Self-Instruct request) gets a list of tasks instead (`tasks.py`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 from typing import Any
 
 from imitate.errors import ConfigError
+from imitate.teacher.fake.tasks import continues_task_list, fake_task_list
 
 NAMED_FAULTS = {
     "reset": "close the connection without answering",
@@ -58,6 +60,7 @@ class FakeConfig:
     latency_s: float = _option(0.0, "seconds before every answer")
     jitter_s: float = _option(0.0, "extra uniform random seconds before every answer")
     sentences: int = _option(4, "body sentences per answer")
+    list_items: int = _option(8, "tasks written when a prompt ends in an open 'N. Instruction:' (Self-Instruct)")
     api_key: str | None = _option(None, "when set, requests must send `Authorization: Bearer <api_key>`")
     hang_s: float = _option(3600.0, "how long the hang fault waits")
     slow_s: float = _option(0.5, "how long the slow fault takes to send a body")
@@ -141,10 +144,13 @@ _STEPS = (
 )
 
 
-def fake_answer(messages: list[dict[str, Any]], sentences: int = 4) -> str:
-    """A deterministic step-by-step explanation that quotes the question and follows the system style."""
+def fake_answer(messages: list[dict[str, Any]], sentences: int = 4, list_items: int = 8) -> str:
+    """A deterministic step-by-step explanation that quotes the question and follows the system style (or, for
+    a prompt ending in "N. Instruction:", `list_items` more numbered tasks)."""
     system = " ".join(_text(m.get("content")) for m in messages if m.get("role") == "system").lower()
     question = last_user(messages)
+    if (first := continues_task_list(question)) is not None:
+        return fake_task_list(question, first, list_items, digest(messages))
     if marker := _LEN_MARK.search(question):
         sentences = int(marker.group(1))
     if "brief" in system or "concise" in system:

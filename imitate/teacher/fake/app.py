@@ -353,7 +353,7 @@ class FakeTeacher:
         model = payload.get("model") or self.config.model
         if fault is not None and (error := self._fault_error(fault, model, given_key)) is not None:
             return error
-        text = fake_answer(payload["messages"], self.config.sentences)
+        text = fake_answer(payload["messages"], self.config.sentences, self.config.list_items)
         max_tokens = payload.get("max_tokens") or payload.get("max_completion_tokens")
         if fault == "length":
             max_tokens = min(max_tokens or 10**9, max(1, estimate_tokens(text) // 2))
