@@ -91,9 +91,8 @@ class _BandStore:
     """A map from 64-bit band hashes to row numbers, compact at millions of entries: a dict for recent inserts,
     merged into a sorted (hashes, rows) pair of numpy arrays when it reaches a quarter of their size."""
 
-    _MIN_BUFFER = 1 << 16
-
-    def __init__(self) -> None:
+    def __init__(self, min_buffer: int = 1 << 16) -> None:
+        self.min_buffer = min_buffer
         self._hashes = np.empty(0, dtype=np.uint64)
         self._rows = np.empty(0, dtype=np.int32)
         self._recent: dict[int, int] = {}
@@ -117,7 +116,7 @@ class _BandStore:
     def add(self, hashes: list[int], row: int) -> None:
         for h in hashes:
             self._recent[h] = row
-        if len(self._recent) >= max(self._MIN_BUFFER, len(self._hashes) // 4):
+        if len(self._recent) >= max(self.min_buffer, len(self._hashes) // 4):
             self._merge()
 
     def _merge(self) -> None:
@@ -133,7 +132,8 @@ class _BandStore:
 
 class NearDuplicateIndex:
     """MinHash + LSH near-duplicate index (see the module docstring). `threshold` is the Jaccard similarity of
-    shingle sets that LSH is tuned for; `num_perm` the MinHash size; `shingle` the window in `unit`s."""
+    shingle sets that LSH is tuned for; `num_perm` the MinHash size; `shingle` the window in `unit`s; `seed` picks
+    datasketch's permutations; `band_buffer` band entries are held in a dict before a merge into the arrays."""
 
     def __init__(
         self,
@@ -142,6 +142,7 @@ class NearDuplicateIndex:
         shingle: int = 5,
         unit: ShingleUnit = "word",
         seed: int = 1,
+        band_buffer: int = 1 << 16,
     ):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
@@ -155,7 +156,7 @@ class NearDuplicateIndex:
         template = MinHash(num_perm=num_perm, seed=seed)
         self._scheme, self._permutations = template.scheme, template.permutations
         self._band_salts = [i.to_bytes(2, "little") for i in range(self.bands)]
-        self._store = _BandStore()
+        self._store = _BandStore(band_buffer)
         self._keys: list[str] = []
 
     def __len__(self) -> int:
