@@ -169,9 +169,25 @@ def test_card_of_a_mix_follows_the_chain_to_the_harvest(harvest_dir: Path, tmp_p
     assert main(["export", str(mixed), "--out", str(out), "--format", "sharegpt"]) == 0
     _, body = front_matter(out)
     assert "#### mix: `mixed`" in body and "#### harvest: `h`" in body
-    assert "| h | weight 0.5 | 7 | 0 | 7 | 0.5 |" in body and "| alpaca | weight 0.5 | 9 | 0 | 7 | 0.5 |" in body
+    assert (
+        "| h | weight 0.5 | 7 | 0 | 0 | 7 | 0.5 |" in body and "| alpaca | weight 0.5 | 9 | 0 | 0 | 7 | 0.5 |" in body
+    )
     assert "| mix:h | 7 |" in body and "| mix:alpaca | 7 |" in body
     assert "| failed: BadRequest | 1 |" in body
+
+
+def test_card_of_a_curated_set_shows_its_gates_and_dedup_settings(harvest_dir: Path, tmp_path: Path):
+    curated = tmp_path / "curated"
+    assert main(["curate", str(harvest_dir), "--out", str(curated), "--top-k", "3"]) == 0
+    out = tmp_path / "export"
+    assert main(["export", str(curated), "--out", str(out)]) == 0
+    assert len(load(out, tmp_path)["train"]) == 3  # the kept records, not dropped.jsonl
+    _, body = front_matter(out)
+    gates = json.loads((curated / "manifest.json").read_text())["gates"]
+    assert sum(gates.values()) == 4 and "#### curate: `curated`" in body and "#### harvest: `h`" in body
+    for gate, n in gates.items():  # every gate that dropped rows, with its count, as the manifest says
+        assert (f"| gates.{gate} | {n} |" in body) == (n > 0)
+    assert "near_dup.threshold`: `0.8`" in body and "No deduplication" not in body
 
 
 def test_no_secret_in_any_exported_byte(harvest_dir: Path, tmp_path: Path, monkeypatch):

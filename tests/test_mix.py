@@ -181,6 +181,18 @@ def test_failed_records_are_not_mixed_but_counted(tmp_path: Path):
     assert all(r.status == "ok" for r in read_jsonl(tmp_path / "mix" / "records.jsonl"))
 
 
+def test_bad_rows_are_skipped_and_counted_when_asked(sets, tmp_path: Path):
+    src = tmp_path / "dirty.jsonl"
+    lines = sets["a"].read_text().splitlines()
+    src.write_text("\n".join([lines[0], "{not json", *lines[1:10], '{"id": 3}']) + "\n")
+    with pytest.raises(InputError, match=r"dirty.jsonl:2"):
+        mix(parse_specs([str(src)]), tmp_path / "mix")
+    m = mix(parse_specs([f"{src}:6"]), tmp_path / "mix", skip_bad_rows=True)
+    assert (m["sets"][0]["available"], m["sets"][0]["skipped_bad_rows"], m["records"]) == (10, 2, 6)
+    valid = {r.id for r in read_jsonl(sets["a"])}
+    assert {r.id for r in read_jsonl(tmp_path / "mix" / "records.jsonl")} <= valid
+
+
 def test_cli_prints_the_summary_and_errors_are_one_line_with_nothing_written(sets, tmp_path: Path, capsys):
     out = tmp_path / "mix"
     assert main(["mix", f"{sets['a']}=3", f"{sets['b']}=1", "--out", str(out), "--seed", "4"]) == 0

@@ -66,6 +66,7 @@ class SetStats:
     spec: SetSpec
     available: int = 0
     skipped_failed: int = 0
+    skipped_bad_rows: int = 0
     taken: int = 0
     renamed_ids: int = 0
     hashes: array = field(default_factory=lambda: array("d"), repr=False)
@@ -165,7 +166,7 @@ def plan_counts(specs: list[SetSpec], available: list[int], total: int | None) -
     return counts
 
 
-def _read(spec: SetSpec, fmt: str, skip_bad_rows: bool, stats: dict[str, Any] | None) -> Iterator[Record]:
+def _read(spec: SetSpec, fmt: str, skip_bad_rows: bool, stats: Any = None) -> Iterator[Record]:
     from imitate.dataset.formats import read_records
 
     return read_records(spec.input, fmt, skip_bad_rows=skip_bad_rows, stats=stats)
@@ -173,13 +174,16 @@ def _read(spec: SetSpec, fmt: str, skip_bad_rows: bool, stats: dict[str, Any] | 
 
 def _survey(spec: SetSpec, seed: int, fmt: str, skip_bad_rows: bool) -> SetStats:
     """First pass over a set: count completed records and rank them by their seeded hash."""
-    st = SetStats(spec)
-    for rec in _read(spec, fmt, skip_bad_rows, None):
+    from imitate.dataset.io import ReadStats
+
+    st, read = SetStats(spec), ReadStats()
+    for rec in _read(spec, fmt, skip_bad_rows, read):
         if rec.status != "ok":
             st.skipped_failed += 1
             continue
         st.hashes.append(unit_hash(seed, spec.name, rec.id))
         st.available += 1
+    st.skipped_bad_rows = read.skipped
     if st.available == 0:
         raise InputError(f"mix input {spec.input!r}: no completed (status ok) records")
     return st
@@ -194,7 +198,7 @@ def _emit(st: SetStats, chosen: set[int], seen: set[str], fmt: str, skip_bad_row
     """Second pass: the chosen records of one set, tagged, ids made unique across the mix."""
     tag = f"mix:{st.spec.name}"
     pos = -1
-    for rec in _read(st.spec, fmt, skip_bad_rows, None):
+    for rec in _read(st.spec, fmt, skip_bad_rows):  # bad rows skip the same way: positions line up
         if rec.status != "ok":
             continue
         pos += 1
@@ -262,6 +266,7 @@ def mix(
                 "spec": st.spec.describe(),
                 "available": st.available,
                 "skipped_failed": st.skipped_failed,
+                "skipped_bad_rows": st.skipped_bad_rows,
                 "taken": st.taken,
                 "share": round(st.taken / written, 6) if written else 0.0,
                 "renamed_ids": st.renamed_ids,

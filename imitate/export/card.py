@@ -171,10 +171,10 @@ def _stage_section(stage: Stage) -> str:
         keys = ("preset", "samples_per_prompt", "seed", "mode")
         lines.append("- harvest settings: " + ", ".join(f"{k} {harvest_cfg.get(k)}" for k in keys if k in harvest_cfg))
     if stage.kind == "mix" and isinstance(m.get("sets"), list):
-        rows = [
-            [x.get(k) for k in ("name", "spec", "available", "skipped_failed", "taken", "share")] for x in m["sets"]
-        ]
-        lines += ["", _table(["set", "asked", "available", "failed (not mixed)", "taken", "share"], rows)]
+        keys = ("name", "spec", "available", "skipped_failed", "skipped_bad_rows", "taken", "share")
+        rows = [[x.get(k, 0) for k in keys] for x in m["sets"]]
+        header = ["set", "asked", "available", "failed (not mixed)", "bad rows skipped", "taken", "share"]
+        lines += ["", _table(header, rows)]
     drops = drop_counts(stage)
     if drops:
         lines += ["", "Failures and drops:", "", _table(["gate / reason", "count"], [list(kv) for kv in drops.items()])]

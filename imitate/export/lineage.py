@@ -38,8 +38,7 @@ _SETTING_KEY = re.compile(
     r"(dedup|minhash|lsh|near_?dup|shingle|num_perm|threshold|rouge|similar|erase|select|top_?k|max_per|diversity)",
     re.IGNORECASE,
 )
-_NOT_COUNTS = ("config", "teachers", "sets")  # the redacted config and limiter snapshots are not drop counts
-_NOT_SETTINGS = (*_NOT_COUNTS, "totals", "this_run")
+_NOT_COUNTS = {"config", "settings", "params", "teachers", "sets"}  # configuration and snapshots, not counts
 
 
 @dataclass
@@ -128,8 +127,9 @@ def _walk(obj: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...
 
 
 def drop_counts(stage: Stage) -> dict[str, int]:
-    """`{"gate or reason": count}` of one stage, read generically: every non-zero integer whose key path names a
-    drop, gate, reason, failure, skip, filter, duplicate... (outside the config and per-teacher snapshots)."""
+    """`{"gate or reason": count}` of one stage. Read generically: every non-zero integer whose own key, or the
+    key of the table it sits in, names a drop, gate, reason, failure, skip, filter, duplicate... Configuration
+    (settings, config, params) and per-teacher or per-set snapshots are not counts."""
     m = stage.manifest
     if stage.kind == "harvest":  # known layout: the totals over every run, not the last run's
         t = m.get("totals", {})
@@ -140,23 +140,27 @@ def drop_counts(stage: Stage) -> dict[str, int]:
         if m.get("this_run", {}).get("skipped_bad_input_rows"):
             out["skipped_bad_input_rows (last run)"] = m["this_run"]["skipped_bad_input_rows"]
         return out
-    out = {}
-    for path, value in _walk(m):
-        if not path or path[0] in _NOT_COUNTS or isinstance(value, bool) or not isinstance(value, int) or not value:
-            continue
-        if any(_COUNT_KEY.search(p) for p in path):
-            out[".".join(path)] = value
-    return out
+    return {".".join(path): value for path, value in _walk(m) if value and _is_count(path, value)}
+
+
+def _is_count(path: tuple[str, ...], value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int) or _NOT_COUNTS & set(path):
+        return False
+    return bool(_COUNT_KEY.search(path[-1]) or (len(path) > 1 and _COUNT_KEY.search(path[-2])))
 
 
 def settings(stage: Stage) -> dict[str, Any]:
-    """Dedup, similarity, selection and erasure settings of one stage (scalar values under such keys)."""
+    """Dedup, similarity, selection and erasure settings of one stage: the set values (not None or False) whose
+    key path names one, outside the counts and the harvest's totals."""
     out = {}
     for path, value in _walk(stage.manifest):
-        if not path or path[0] in _NOT_SETTINGS or isinstance(value, dict | list):
+        key = ".".join(path)
+        if not path or value is None or value is False or _is_count(path, value) or path[0] in ("totals", "this_run"):
             continue
-        if any(_SETTING_KEY.search(p) for p in path) and not (isinstance(value, int) and _COUNT_KEY.search(path[-1])):
-            out[".".join(path)] = value
+        if set(path) & {"config", "teachers", "sets"}:
+            continue
+        if any(_SETTING_KEY.search(p) for p in path):
+            out[key] = value
     return out
 
 
