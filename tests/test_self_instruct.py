@@ -15,6 +15,7 @@ import yaml
 
 from imitate.cli import main
 from imitate.config import load_config
+from imitate.dataset.formats import record_to_row
 from imitate.dataset.selfinstruct import (
     FilterPolicy,
     SelfInstructPrompt,
@@ -251,9 +252,12 @@ async def test_n_unique_filtered_tasks_answered_and_a_rerun_buys_nothing(fake, t
         assert rule_violation(t["instruction"], POLICY) is None
         assert max(rouge_l(t["instruction"], p) for p in pool) <= 0.7
         pool.append(t["instruction"])
-    r0 = got[0]
-    assert r0.query.question.startswith(r0.query.metadata["instruction"])
-    assert r0.query.metadata["self_instruct"]["generation_request_key"] == answered[0]["generation_request_key"]
+    origin = got[0].query.metadata["self_instruct"]
+    assert origin["generation_request_key"] == answered[0]["generation_request_key"]
+    assert origin["instruction"] == answered[0]["instruction"] and origin["round"] == 0
+    with_input = next(i for i, t in enumerate(answered) if t["input"])
+    row = record_to_row(got[with_input], "alpaca")  # exported as alpaca, the task splits back as it was
+    assert (row["instruction"], row["input"]) == (answered[with_input]["instruction"], answered[with_input]["input"])
     assert fake.stats()["requests"] == m["billable"]["total"]["requests"] == m["prompts"] + n
 
     before = fake.stats()["requests"]

@@ -10,12 +10,12 @@ harvests and reads their records back as they are appended):
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from imitate import errors
+from imitate.dataset.io import atomic_path
 from imitate.harvest.journal import FAILURES, INDEX, Journal
 from imitate.harvest.ledger import Spent
 from imitate.records import Record
@@ -75,10 +75,9 @@ def ledger_spent(root: Path) -> Spent:
 def copy_records(root: Path, where: Iterable[tuple[str, int]], target: Path, tags: list[str]) -> int:
     """The records at (shard, offset) in `root`, in that order, with `tags` added, written to `target` through a
     temporary file moved into place (a crash leaves the previous file whole). Returns how many."""
-    tmp = target.with_name(target.name + ".tmp")
     n = 0
     with contextlib.ExitStack() as stack:
-        out = stack.enter_context(open(tmp, "w", encoding="utf-8"))
+        out = stack.enter_context(open(stack.enter_context(atomic_path(target)), "w", encoding="utf-8"))
         shards: dict[str, BinaryIO] = {}
         for shard, offset in where:
             if shard not in shards:
@@ -88,5 +87,4 @@ def copy_records(root: Path, where: Iterable[tuple[str, int]], target: Path, tag
             record.tags = [*record.tags, *(t for t in tags if t not in record.tags)]
             out.write(record.to_json() + "\n")
             n += 1
-    os.replace(tmp, target)
     return n

@@ -10,9 +10,8 @@ prompts of a round, parsing the teacher's numbered list, and the filters. The lo
   the generation parameters and the filter policy, pinned by a sha256 over all of it. Alpaca showed 3 seed tasks;
   we show 2 seed + 1 generated once generated tasks exist (Self-Instruct's later rounds mixed machine tasks in
   too), shuffled, then leave "N. Instruction:" open for the teacher to continue the list.
-- A round's prompts are derived only from (seed tasks, prompt hash, config seed, round number, pool digest) with a
-  seeded RNG: a rerun after a crash derives the same prompts, so the same query ids, and the journal skips what
-  was bought. No prompt is asked twice in a run (a repeated draw is drawn again).
+- A round's prompts derive only from (seed tasks, prompt hash, config seed, round, pool digest) with a seeded RNG:
+  a rerun derives the same prompts, so the same query ids. No prompt is asked twice (a repeat is drawn again).
 - Filters, in order, each rejection counted by reason: empty, too_short / too_long (words), starts_with_punctuation,
   starts_non_ascii, blacklisted (a word naming what a text model cannot do, matched as a whole word), similar
   (ROUGE-L F > threshold against any task in the pool: seeds and every task kept so far).
@@ -32,6 +31,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from imitate.dataset.formats import ALPACA_INPUT
 from imitate.errors import ConfigError, InputError
 from imitate.records import GenerationParams, Query, canonical_json, sha256_text
 
@@ -166,8 +166,9 @@ def read_seeds(path: str) -> list[Task]:
         for name, value in (("input", input_), ("output", output)):
             if value is not None and not isinstance(value, str):
                 raise InputError(f"{where}: {name} must be a string, got {type(value).__name__}")
-        seeds.append(Task(id=q.id, instruction=q.question.strip(), input=(input_ or "").strip(),
-                          output=output, origin="seed"))  # fmt: skip
+        seeds.append(
+            Task(id=q.id, instruction=q.question.strip(), input=(input_ or "").strip(), output=output, origin="seed")
+        )
     if not seeds:
         raise InputError(f"{path}: no seed tasks", hint="one task per row, with an instruction")
     return seeds
@@ -212,8 +213,14 @@ def round_queries(
         else:
             continue  # a pool this small has no new prompt left for this slot
         used.add(digest)
-        meta = {"step": "generate", "round": round_no, "index": i, "prompt_id": spec.id,
-                "prompt_sha256": spec.sha256, "demos": [t.id for t in demos]}  # fmt: skip
+        meta = {
+            "step": "generate",
+            "round": round_no,
+            "index": i,
+            "prompt_id": spec.id,
+            "prompt_sha256": spec.sha256,
+            "demos": [t.id for t in demos],
+        }
         out.append(
             Query(
                 id=f"si-gen-r{round_no:05d}-{i:02d}-{digest[:12]}",
@@ -221,18 +228,26 @@ def round_queries(
                 system="",
                 collection="self-instruct/generate",
                 metadata={"self_instruct": meta},
-            )  # fmt: skip
+            )
         )
     return out
 
 
 def answer_query(task: Task, spec: SelfInstructPrompt) -> Query:
-    """The query that asks the teacher to do a kept task (instruction, then its input after a blank line)."""
+    """The query that asks the teacher to do a kept task: the instruction, then its input after a blank line, as
+    the alpaca reader joins them (the input is kept in metadata the same way, so alpaca export splits it back)."""
     question = f"{task.instruction}\n\n{task.input}" if task.input else task.instruction
-    origin = {"step": "answer", "task_id": task.id, "round": task.round, "generation_query_id":
-              task.generation_query_id, "generation_request_key": task.generation_request_key,
-              "prompt_id": spec.id, "prompt_sha256": spec.sha256}  # fmt: skip
-    metadata: dict[str, Any] = {"instruction": task.instruction, "input": task.input, "self_instruct": origin}
+    origin = {
+        "step": "answer",
+        "task_id": task.id,
+        "instruction": task.instruction,
+        "round": task.round,
+        "generation_query_id": task.generation_query_id,
+        "generation_request_key": task.generation_request_key,
+        "prompt_id": spec.id,
+        "prompt_sha256": spec.sha256,
+    }
+    metadata: dict[str, Any] = {"self_instruct": origin} | ({ALPACA_INPUT: task.input} if task.input else {})
     return Query(id="si-" + task.id, question=question, collection="self-instruct", metadata=metadata)
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import re
 import time
 from collections import Counter
@@ -41,6 +40,7 @@ from typing import Any, TextIO
 from imitate import __version__
 from imitate.config import ImitateConfig, redacted
 from imitate.dataset.harvested import Tail, copy_records, is_final, ledger_spent
+from imitate.dataset.io import atomic_path
 from imitate.dataset.selfinstruct import (
     Task,
     TaskFilter,
@@ -135,9 +135,10 @@ class SelfInstruct:
         self.out.mkdir(parents=True, exist_ok=True)
         self._read_new()
         error: ImitateError | None = None
-        with contextlib.ExitStack() as files:
+        with contextlib.ExitStack() as files:  # each file moved into place whole when the block ends
             for name in ("tasks", "rejected"):
-                self._files[name] = files.enter_context(open(self.out / f"{name}.jsonl.tmp", "w", encoding="utf-8"))
+                tmp = files.enter_context(atomic_path(self.out / f"{name}.jsonl"))
+                self._files[name] = files.enter_context(open(tmp, "w", encoding="utf-8"))
             try:
                 self.clients = make_clients(self.cfg)
                 await self._loop()
@@ -146,8 +147,6 @@ class SelfInstruct:
             finally:
                 for c in (self.clients or {}).values():
                     await c.aclose()
-        for name in ("tasks", "rejected"):
-            os.replace(self.out / f"{name}.jsonl.tmp", self.out / f"{name}.jsonl")
         written = self._write_records()
         manifest = self._manifest(started, written, error)
         from imitate.harvest.journal import write_json_atomic
