@@ -30,7 +30,7 @@ from imitate.dataset.selfinstruct import (
 )
 from imitate.dataset.selfinstruct_run import self_instruct
 from imitate.dataset.similarity import rouge_l
-from imitate.errors import ConfigError, InputError
+from imitate.errors import ConfigError, InputError, TeacherError
 from imitate.records import read_jsonl
 from imitate.teacher.fake import FakeTeacher, FakeTeacherServer
 from imitate.teacher.fake.tasks import continues_task_list
@@ -277,6 +277,19 @@ async def test_a_larger_target_continues_the_same_pool(fake, tmp_path: Path):
     assert fresh.error is None
     assert (small / "tasks.jsonl").read_text() == (big / "tasks.jsonl").read_text()  # deterministic pool
     assert (small / "tasks.jsonl").read_text().startswith(first)
+
+
+async def test_transient_failures_stop_the_run_and_the_rerun_asks_again(fake, tmp_path: Path):
+    out = tmp_path / "si"
+    async with FakeTeacher(faults={"500": 1.0}) as broken:
+        cfg = cfg_for(broken.base_url, "harvest.retry.max_attempts=2")
+        failed = await self_instruct(cfg, str(SEEDS), out, target=5, per_round=2)
+    assert isinstance(failed.error, TeacherError) and failed.error.exit_code == 4
+    assert failed.manifest["status"] == "partial" and failed.manifest["kept"] == 0
+    assert len(list(read_jsonl(out / "generate" / "failures.jsonl"))) == 2
+    healed = await self_instruct(cfg_for(fake.base_url), str(SEEDS), out, target=5, per_round=2)
+    assert healed.error is None and len(records(out)) == 5
+    assert healed.manifest["this_run"]["generate"]["requests"] == 2  # the same two prompts, asked again
 
 
 def test_a_budget_stops_both_steps_together_with_exit_5(fake_teacher, tmp_path: Path, capsys):
