@@ -29,12 +29,14 @@ system turn and that question, query.system = the leading system turn. Turns aft
 row's `id` (a number becomes a string), else `q-` + the sha256 of the conversation; provenance is
 teacher "imported", the row's `model` or "unknown", base_url "", request_key the sha256 of the conversation and
 `source` (uri, row, format, split). Columns `model` and `collection` fill provenance.model and query.collection;
-every other column the format does not use goes to `query.metadata` (null cells are absent).
+every other column the format does not use goes to `query.metadata` (null cells, and blank CSV cells, are
+absent). Keys of a turn other than role/content (from/value), such as SlimOrca's `weight`, are not kept.
 
 Writing puts `id`, the format's columns, then `model` (unless "unknown"), `collection` and the metadata as extra
 columns, so foreign → any → foreign keeps the id, conversation, model, collection and extra columns: A → B → A
 is the same rows for every pair of formats, wherever B can hold the conversation. Where it cannot, writing that
-record is an error naming it (or, with `skip_bad_rows`, it is skipped and counted), never a silent loss:
+record is an error naming it (or, with `skip_bad_rows`, it is skipped and counted), never a silent loss (so is
+a metadata key that is also one of the target's columns):
 - openorca holds one optional system prompt, one question and one response: no multi-turn conversation;
 - alpaca holds one instruction (+ input) and one output: no multi-turn, and no system message (erase it first
   with `imitate curate --erase-system none`, which records the erasure);
@@ -106,7 +108,11 @@ def _undetectable(where: str, columns: Iterable[str]) -> InputError:
 
 
 def record_files(folder: Path) -> list[Path]:
-    """The data files of a folder of records (a harvest output: its shards, not failures.jsonl), in name order."""
+    """The data files of a folder of records (a harvest output: its shards, not failures.jsonl), in name order.
+    A folder with a records.jsonl (written by curate, import, mix, self-instruct beside their side files:
+    dropped.jsonl, rejected.jsonl, tasks.jsonl) is that one file."""
+    if (folder / "records.jsonl").is_file():
+        return [folder / "records.jsonl"]
     return sorted(p for p in folder.iterdir() if p.name.lower().endswith(_RECORD_FILES) and p.name not in _NOT_DATA)
 
 
