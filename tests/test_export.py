@@ -157,7 +157,7 @@ def test_card_metadata_and_provenance_figures(harvest_dir: Path, tmp_path: Path)
 
     assert hashlib.sha256((harvest_dir / "config.yaml").read_bytes()).hexdigest() in body
     assert "imitate version: 0.1.0" in body and "## Terms of use" in body and "`fake-teacher`" in body
-    assert "No deduplication, filtering or selection stage is recorded" in body
+    assert "No deduplication, filtering or selection is recorded" in body
 
 
 def test_card_of_a_mix_follows_the_chain_to_the_harvest(harvest_dir: Path, tmp_path: Path):

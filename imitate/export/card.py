@@ -185,8 +185,8 @@ def _stage_section(stage: Stage) -> str:
 
 
 _NO_CURATION = (
-    "No deduplication, filtering or selection stage is recorded behind these rows: they are exported as "
-    "harvested, imported or mixed."
+    "No deduplication, filtering or selection is recorded behind these rows: they are exported as harvested, "
+    "imported or mixed."
 )
 
 
@@ -251,7 +251,11 @@ def render(
         "Each stage behind this export, nearest first, as its `manifest.json` records it.",
         "",
         *[_stage_section(st) + "\n" for st in stages],
-        *([] if any(settings(st) for st in stages) else [_NO_CURATION, ""]),
+        *(
+            []
+            if any(settings(st) or (st.kind != "harvest" and drop_counts(st)) for st in stages)
+            else [_NO_CURATION, ""]
+        ),
         _terms_note(stats),
         "",
     ]
