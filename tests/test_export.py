@@ -190,6 +190,26 @@ def test_card_of_a_curated_set_shows_its_gates_and_dedup_settings(harvest_dir: P
     assert "near_dup.threshold`: `0.8`" in body and "No deduplication" not in body
 
 
+def test_a_stage_folder_exports_its_records_not_side_files_and_cards_its_inner_stages(harvest_dir, tmp_path):
+    """Self-instruct's layout: records.jsonl beside side files, its own harvests in sub-folders."""
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    shutil.copy(harvest_dir / "shard-00000.jsonl", stage / "records.jsonl")
+    (stage / "rejected.jsonl").write_text('{"instruction": "Draw a cat", "reason": "blacklisted"}\n')
+    manifest = {
+        "imitate_version": "0.1.0",
+        "command": "imitate generate self-instruct seeds.jsonl --out stage",
+        "rejected": {"similar": 3, "blacklisted": 1},
+    }
+    (stage / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(harvest_dir, stage / "answer")
+    out = tmp_path / "export"
+    assert main(["export", str(stage), "--out", str(out)]) == 0
+    assert len(load(out, tmp_path)["train"]) == len(ok_records(harvest_dir))
+    _, body = front_matter(out)
+    assert "#### generate: `stage`" in body and "| rejected.similar | 3 |" in body and "#### harvest: `answer`" in body
+
+
 def test_no_secret_in_any_exported_byte(harvest_dir: Path, tmp_path: Path, monkeypatch):
     """A key planted in the environment (named by the stamped config), in a manifest and in a record's base URL,
     must be absent from every file of the export, whatever the format."""

@@ -94,7 +94,9 @@ def _resolve(text: str, near: Path) -> Path | None:
 
 
 def find_manifests(src: Path, limit: int = 32) -> list[Stage]:
-    """The manifests behind `src` (a folder or file), nearest first, each folder once."""
+    """The manifests behind `src` (a folder or file), nearest first, each folder once: the inputs each one
+    records, and the stages a stage ran inside its own folder (self-instruct's generate/ and answer/ harvests).
+    Earlier exports are not stages of the data."""
     start = (src if src.is_dir() else src.parent).resolve()
     queue, seen, out = [start], set(), []
     while queue and len(out) < limit:
@@ -103,15 +105,14 @@ def find_manifests(src: Path, limit: int = 32) -> list[Stage]:
             continue
         seen.add(folder)
         manifest = _read_manifest(folder)
-        if manifest is None:
+        if manifest is None or stage_kind(manifest) == "export":
             continue
         config = folder / CONFIG
         digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
         out.append(Stage(folder, stage_kind(manifest), manifest, digest))
-        for text in _inputs(manifest):
-            found = _resolve(text, folder)
-            if found is not None and found not in seen:
-                queue.append(found)
+        inner = sorted(p for p in folder.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+        found = [_resolve(text, folder) for text in _inputs(manifest)]
+        queue += [f for f in [*inner, *found] if f is not None and f not in seen]
     return out
 
 
