@@ -158,24 +158,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export(
-    src: Path,
-    out: Path,
-    *,
-    fmt: str = "openorca",
-    licence: str = "unknown",
-    languages: tuple[str, ...] = ("en",),
-    pretty_name: str | None = None,
-    test_fraction: float = 0.0,
-    shard_rows: int = 100_000,
-    skip_bad_rows: bool = False,
-    command: str = "imitate export",
-    extra_secrets: list[str] | None = None,
-    load_name: str | None = None,
-) -> ExportResult:
-    """Write the dataset folder `out` from the records in `src` (see the module docstring)."""
-    from imitate.dataset.io import ReadStats, atomic_path
-
+def _check_options(src: Path, out: Path, fmt: str, licence: str, test_fraction: float, shard_rows: int) -> None:
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: unknown", hint=f"one of: {', '.join(FORMATS)}")
     if not _LICENCE.match(licence):
@@ -187,38 +170,77 @@ def export(
     if not src.exists():
         raise InputError(f"{src}: no such file or folder")
     _check_out(out)
+
+
+def _write_rows(
+    src: Path, tmp: Path, fmt: str, secrets: list[str], *, test_fraction: float, shard_rows: int, skip_bad_rows: bool
+) -> tuple[card.CardStats, dict[str, list[str]], Counter]:
+    """Every completed record of `src` as a row in its split's shards; the card's figures on the way."""
+    from imitate.dataset.io import ReadStats
+
+    stats, read, skipped = card.CardStats(), ReadStats(), Counter()
+    writers: dict[str, _ShardWriter] = {}
+    for rec in _records(src, read, skip_bad_rows):
+        if rec.status != "ok":
+            skipped["failed records (no answer)"] += 1
+            continue
+        try:
+            row = _row(rec, fmt, secrets)
+        except InputError as exc:
+            if not skip_bad_rows:
+                hint = "export another --format, or --skip-bad-rows to leave such records out (counted on the card)"
+                raise InputError(exc.message, hint=hint) from exc
+            skipped[f"not expressible as {fmt}"] += 1
+            continue
+        split = _split_of(rec, test_fraction)
+        writers.setdefault(split, _ShardWriter(tmp, split, shard_rows)).add(row)
+        stats.add(rec, split)
+    if stats.rows == 0:
+        raise InputError(f"{src}: no completed (status ok) records to export")
+    skipped["bad input rows"] = read.skipped
+    files = {s: writers[s].close() for s in ("train", "test") if s in writers}
+    return stats, files, Counter({k: v for k, v in skipped.items() if v})
+
+
+def export(
+    src: Path,
+    out: Path,
+    *,
+    fmt: str = "messages",
+    licence: str = "unknown",
+    languages: tuple[str, ...] = ("en",),
+    pretty_name: str | None = None,
+    test_fraction: float = 0.0,
+    shard_rows: int = 100_000,
+    skip_bad_rows: bool = False,
+    command: str = "imitate export",
+    extra_secrets: list[str] | None = None,
+    load_name: str | None = None,
+) -> ExportResult:
+    """Write the dataset folder `out` from the records in `src` (see the module docstring)."""
+    from imitate.dataset.io import atomic_path
+
+    _check_options(src, out, fmt, licence, test_fraction, shard_rows)
     stages = lineage.find_manifests(src)
     secrets = lineage.known_secrets(stages, extra_secrets)
-    stats, read = card.CardStats(), ReadStats()
-    skipped: Counter = Counter()
     with atomic_path(out) as tmp:
         (tmp / "data").mkdir(parents=True)
-        writers: dict[str, _ShardWriter] = {}
-        for rec in _records(src, read, skip_bad_rows):
-            if rec.status != "ok":
-                skipped["failed records (no answer)"] += 1
-                continue
-            try:
-                row = _row(rec, fmt, secrets)
-            except InputError as exc:
-                if not skip_bad_rows:
-                    raise InputError(
-                        exc.message,
-                        hint="export another --format, or --skip-bad-rows to leave such "
-                        "records out (counted on the card)",
-                    ) from exc
-                skipped[f"not expressible as {fmt}"] += 1
-                continue
-            split = _split_of(rec, test_fraction)
-            writers.setdefault(split, _ShardWriter(tmp / "data", split, shard_rows)).add(row)
-            stats.add(rec, split)
-        if stats.rows == 0:
-            raise InputError(f"{src}: no completed (status ok) records to export")
-        skipped["bad input rows"] = read.skipped
-        files = {s: writers[s].close() for s in ("train", "test") if s in writers}
-        name = pretty_name or src.resolve().name
+        stats, files, skipped = _write_rows(
+            src,
+            tmp / "data",
+            fmt,
+            secrets,
+            test_fraction=test_fraction,
+            shard_rows=shard_rows,
+            skip_bad_rows=skip_bad_rows,
+        )
         meta = card.metadata(
-            stats, licence=licence, languages=list(languages), pretty_name=name, fmt=fmt, splits=list(files)
+            stats,
+            licence=licence,
+            languages=list(languages),
+            pretty_name=pretty_name or src.resolve().name,
+            fmt=fmt,
+            splits=list(files),
         )
         text = card.render(stats, stages, meta=meta, fmt=fmt, files=files, load_name=load_name, skipped=skipped)
         (tmp / "README.md").write_text(lineage.scrub(text, secrets), encoding="utf-8")
@@ -230,7 +252,7 @@ def export(
             "format": fmt,
             "licence": licence,
             "rows": dict(stats.splits),
-            "skipped": {k: v for k, v in skipped.items() if v},
+            "skipped": dict(skipped),
             "files": {
                 p: {"sha256": _sha256(tmp / p), "bytes": (tmp / p).stat().st_size}
                 for names in files.values()
@@ -239,4 +261,4 @@ def export(
         }
         text = json.dumps(lineage.scrub(manifest, secrets), indent=2) + "\n"
         (tmp / lineage.MANIFEST).write_text(text, encoding="utf-8")
-    return ExportResult(out, dict(stats.splits), files, {k: v for k, v in skipped.items() if v})
+    return ExportResult(out, dict(stats.splits), files, dict(skipped))
