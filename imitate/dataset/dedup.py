@@ -35,7 +35,9 @@ _NON_WORD = re.compile(r"[\W_]+")
 
 def normalize(text: str) -> str:
     """The form exact duplicates are compared in: "Hello,  World!" and "hello world" are the same text."""
-    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    if not text.isascii():  # NFKC leaves ASCII as it is: skip the call for the common case
+        text = unicodedata.normalize("NFKC", text)
+    return _NON_WORD.sub(" ", text.casefold()).strip()
 
 
 def text_hash(text: str) -> bytes:
@@ -85,6 +87,17 @@ def shingles(text: str, size: int = 5, unit: ShingleUnit = "word") -> list[bytes
     if len(norm) <= size:
         return [norm.encode()]
     return [norm[i : i + size].encode() for i in range(len(norm) - size + 1)]
+
+
+def sha1_hash32_all(items: list[bytes]) -> list[int]:
+    """datasketch's default `sha1_hash32` (the first 4 bytes of SHA-1, little-endian) of every item, converted in
+    one numpy call instead of one `struct.unpack` each."""
+    digests = b"".join([hashlib.sha1(item).digest() for item in items])
+    return np.frombuffer(digests, dtype="<u4")[::5].tolist()
+
+
+def _as_is(value: int) -> int:
+    return value
 
 
 class _BandStore:
@@ -175,8 +188,14 @@ class NearDuplicateIndex:
 
     def minhash(self, text: str) -> MinHash:
         """datasketch's MinHash of the text's shingles (the one a plain `MinHash().update(...)` loop builds)."""
-        m = MinHash(num_perm=self.num_perm, seed=self.seed, permutations=self._permutations, scheme=self._scheme)
-        m.update_batch(shingles(text, self.shingle, self.unit))
+        m = MinHash(
+            num_perm=self.num_perm,
+            seed=self.seed,
+            permutations=self._permutations,
+            scheme=self._scheme,
+            hashfunc=_as_is,
+        )
+        m.update_batch(sha1_hash32_all(shingles(text, self.shingle, self.unit)))
         return m
 
     def _band_hashes(self, signature: np.ndarray) -> list[int]:
