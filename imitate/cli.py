@@ -227,7 +227,7 @@ def status_cmd(out: Path = typer.Argument(..., metavar="DIR", help="The --out di
 @app.command("mix")
 def mix_cmd(
     inputs: list[str] = typer.Argument(
-        ..., metavar="IN[=WEIGHT|:COUNT]...", help="Record sets: IN=0.3 a share, IN:500 a count, IN all of it."
+        ..., metavar="IN[=WEIGHT|:COUNT]", help="Record sets: IN=0.3 a share, IN:500 a count, IN all of it."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: records.jsonl + manifest.json."),
     seed: int = typer.Option(0, "--seed", help="Seed of the (deterministic) choice of records."),
