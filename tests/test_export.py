@@ -102,6 +102,26 @@ def test_each_format_loads_with_datasets_as_the_records_rows(harvest_dir: Path, 
         assert rows == [record_to_row(r, fmt) for r in records]
 
 
+def test_shards_share_one_schema_when_rows_differ(tmp_path: Path):
+    """A column absent from one shard (collection) and extra columns of any type (query metadata) load as one
+    table: the extras are text (JSON for non-strings), missing cells are nulls."""
+    src = tmp_path / "chats.jsonl"
+    rows = []
+    for i in range(6):
+        row = {"id": f"c{i}", "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        if i >= 2:
+            row["collection"] = "late"
+        row["extra"] = [i, {"k": i}] if i % 2 else f"s{i}"
+        rows.append(row)
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "export"
+    assert main(["export", str(src), "--out", str(out), "--shard-rows", "2"]) == 0
+    got = list(load(out, tmp_path)["train"])
+    assert [r["collection"] for r in got] == [None, None, "late", "late", "late", "late"]
+    assert [r["extra"] for r in got] == ["s0", '[1, {"k": 1}]', "s2", '[3, {"k": 3}]', "s4", '[5, {"k": 5}]']
+    assert [r["messages"] for r in got] == [r["messages"] for r in rows]
+
+
 def test_alpaca_rows_and_imported_provenance(tmp_path: Path):
     src = tmp_path / "alpaca.json"
     given = [
