@@ -247,10 +247,14 @@ def test_batch_cancel_and_missing_upload(make_fake_teacher, tmp_path: Path):
         async with TeacherClient(fake.base_url) as client:
             batch = await client.create_batch(await client.upload_batch_file(src))
             cancelling = (await client.cancel_batch(batch["id"]))["status"]
-            await asyncio.sleep(0.3)
             with pytest.raises(InputError):
                 await client.upload_batch_file(tmp_path / "missing.jsonl")
-            return cancelling, (await client.get_batch(batch["id"]))["status"]
+            for _ in range(500):  # poll until the fake settles the cancel (batch_delay_s later)
+                status = (await client.get_batch(batch["id"]))["status"]
+                if status != "cancelling":
+                    break
+                await asyncio.sleep(0.01)
+            return cancelling, status
 
     assert asyncio.run(run()) == ("cancelling", "cancelled")
 
