@@ -349,7 +349,7 @@ def curate_cmd(
     import shlex
 
     from imitate.config import load_config, redact_text
-    from imitate.dataset.curate import curate, flag_overrides
+    from imitate.dataset.curate import check_out, curate, flag_overrides
 
     flags = dict(
         erase_system=erase_system,
@@ -376,6 +376,7 @@ def curate_cmd(
         per_collection=per_collection,
     )
     cfg = load_config(config, (set_ or []) + flag_overrides(**flags))
+    check_out(input, out)
     _check_writable(out)
     command = redact_text(shlex.join(["imitate", *(_state["argv"] or ["curate"])]))
     m = curate(input, out, cfg.curate, format=format, skip_bad_rows=skip_bad_rows, command=command)

@@ -382,6 +382,15 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys, args, code, needle):
     assert not (tmp_path / "o").exists()
 
 
+def test_text_flags_stay_text(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [rec(1)])
+    assert main(["curate", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o"), "--score-field", "123",
+                 "--top-k", "1", "--tokenizer", "7"]) == 0  # fmt: skip
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["settings"]["select"]["score"] == "123" and m["settings"]["gates"]["tokenizer"] == "7"
+    assert m["gates"]["unscored"] == 1
+
+
 def test_cli_input_errors_are_one_line_and_write_nothing_half(tmp_path, capsys):
     assert main(["curate", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 3
     assert capsys.readouterr().err.strip().startswith("error: InputError: ")
@@ -397,7 +406,7 @@ def test_cli_input_errors_are_one_line_and_write_nothing_half(tmp_path, capsys):
     harvest.mkdir()
     write_jsonl(harvest / "shard-00000.jsonl", [rec(1)])
     assert main(["curate", str(harvest), "--out", str(harvest / "curated")]) == 3
-    assert "inside the input" in capsys.readouterr().err
+    assert "inside the input" in capsys.readouterr().err and not (harvest / "curated").exists()
 
 
 def test_the_console_script_prints_one_line():

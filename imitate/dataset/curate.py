@@ -68,6 +68,7 @@ FLAG_KEYS = {
     "per_collection": "curate.select.per_collection",
 }
 _NEGATING = {"keep_failed", "keep_truncated", "keep_refusals", "no_exact_dup", "no_near_dup"}
+_TEXT = {"erase_system", "phrases", "tokenizer", "shingle_unit", "score_field"}  # quoted: a path "123" stays text
 
 
 def flag_overrides(**flags: Any) -> list[str]:
@@ -80,6 +81,8 @@ def flag_overrides(**flags: Any) -> list[str]:
             value = "false"
         elif name == "lang":
             value = json.dumps([c.strip() for c in str(value).split(",") if c.strip()])
+        elif name in _TEXT:
+            value = json.dumps(str(value))
         out.append(f"{FLAG_KEYS[name]}={value}")
     return out
 
@@ -93,7 +96,8 @@ def erase_system(record: Record, mode: str, generic: GenericSystem) -> Record:
     return record.model_copy(update={"messages": messages, "provenance": provenance})
 
 
-def _check_out(input: str | Path, out: Path) -> None:
+def check_out(input: str | Path, out: Path) -> None:
+    """The output folder may not lie inside the input (a harvest folder would read records.jsonl as a shard)."""
     src = Path(str(input)).expanduser()
     if src.exists() and src.resolve() in (out.resolve(), *out.resolve().parents):
         raise InputError(f"--out {out}: inside the input {input}", hint="write the curated set to a new folder")
@@ -134,7 +138,7 @@ def curate(
     from imitate.dataset.io import ReadStats, atomic_path
 
     out = Path(out)
-    _check_out(input, out)
+    check_out(input, out)
     started = time.monotonic()
     curation = load_curation()
     gates = build_gates(cfg.gates, curation.phrases, cluster_mode=cfg.select.per_cluster is not None)
