@@ -197,7 +197,9 @@ def test_rouge_gate_and_only_kept_rows_are_indexed(tmp_path):
         # the same answer as r2, which was dropped: r3 must not be called a duplicate of a row not in the output
         rec(3, "Waves and salt and distant gulls, a quiet poem of the tide.", question="List three prime numbers."),
     ]
-    manifest, kept, dropped = run(tmp_path, rows, gates={"max_rouge": 0.7})
+    # duplicates judged on the answer alone: r3 repeats r2's answer exactly
+    gates = {"max_rouge": 0.7, "exact_field": "response", "near_dup": {"field": "response"}}
+    manifest, kept, dropped = run(tmp_path, rows, gates=gates)
     assert [r.id for r in kept] == ["r1", "r3"]
     gate, reason = drops(dropped)["r2"]
     assert gate == "similar_instruction" and reason == "ROUGE-L 1.000 > 0.7 against the question of r1"

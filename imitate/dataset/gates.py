@@ -186,13 +186,15 @@ class ExactDuplicateGate:
         from imitate.dataset.dedup import ExactDuplicateIndex, text_hash
 
         self.field, self.index, self._hash = field, ExactDuplicateIndex(), text_hash
+        self._pending = b""
 
     def __call__(self, record: Record) -> str | None:
-        first = self.index.first(self._hash(text_of(record, self.field)))
+        self._pending = self._hash(text_of(record, self.field))
+        first = self.index.first(self._pending)
         return f"exact duplicate of {first}" if first is not None else None
 
     def commit(self, record: Record) -> None:
-        self.index.add(self._hash(text_of(record, self.field)), record.id)
+        self.index.add(self._pending, record.id)
 
 
 class NearDuplicateGate:
