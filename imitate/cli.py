@@ -7,6 +7,7 @@
     imitate generate self-instruct SEEDS --out DIR --target N [...]
     imitate convert IN --to FORMAT --out PATH  |   imitate train DATA --out DIR [...]
     imitate merge ... | imitate chat ...
+    imitate eval bench --model M [--adapter DIR] --data FILE ... --out DIR
 
 Exit codes: an ImitateError is one line on stderr and its own code (`--debug` adds the traceback, same code); a
 usage error prints click's usage line and exits 2; Ctrl-C at any moment exits 130 with a message (the console
@@ -518,6 +519,39 @@ def generate_self_instruct_cmd(
     )
     if outcome.error is not None:
         raise outcome.error
+
+
+eval_app = typer.Typer(help="Evaluate a student beside its base: benchmarks, judge, lm-eval.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("bench")
+def eval_bench_cmd(
+    data: list[str] = typer.Option(..., "--data", help="Eval set file (repeatable): MMLU, ARC, GSM8K or mapped."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder: report.md, report.json, per-item results."),
+    model: str | None = typer.Option(None, "--model", help="Student: folder, .gguf, merged folder or adapter folder."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="LoRA adapter applied to --model (or its own base)."),
+    base: str | None = typer.Option(None, "--base", help="Base to compare with (default: what the student records)."),
+    no_base: bool = typer.Option(False, "--no-base", help="Evaluate the student alone."),
+    format: str = typer.Option("auto", "--format", help="mmlu, arc, gsm8k, mc (with --columns) or auto."),
+    columns: str | None = typer.Option(None, "--columns", help="Column mapping: question=q,choices=opts,answer=gold"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="First N items of each set."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Questions per forward pass / generation batch."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Generation length for GSM8K-style sets."),
+    extract: str | None = typer.Option(None, "--extract", help="Answer rule: last-number, marker:TEXT or regex:RE."),
+    train_data: list[str] | None = typer.Option(None, "--train-data", help="Training records for the overlap check."),
+    ngram: int = typer.Option(13, "--ngram", min=1, help="n of the contamination n-gram check."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the paired bootstrap."),
+) -> None:
+    """Student and base side by side on eval sets: accuracy with 95% CI, paired difference, contamination."""
+    from imitate.evaluate.bench import BenchOptions, bench_command
+
+    options = BenchOptions(
+        data=list(data), out=out, model=model, adapter=adapter, base=base, no_base=no_base, format=format,
+        columns=columns, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, extract=extract,
+        train_data=list(train_data or []), ngram=ngram, seed=seed,
+    )  # fmt: skip
+    bench_command(options, argv=_state["argv"] or ["eval", "bench"])
 
 
 def main(argv: list[str] | None = None) -> int:
