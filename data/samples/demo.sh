@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# make demo — the offline end-to-end demo: fake teacher → harvest (Orca presets, live view) → status → records.
+# make demo — the offline end-to-end demo: fake teacher → harvest (Orca presets, live view) → status → records
+# → curate → export with a provenance card → LoRA-train the student on the curated rows.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
@@ -45,7 +46,18 @@ for r in rows[:3]:
     print("A:", (r.response or "")[:300])
 PY
 
-echo "== 6. LoRA-train the SmolLM2-135M student on the harvested rows for a few steps (CPU)"
+echo "== 6. curate: failed, truncated, refusals, too short, exact and near duplicates out; reasons in dropped.jsonl"
+imitate curate "$OUT" --out data/runs/demo-curated --min-words 5
+
+echo "== 7. export the curated rows as Parquet with a dataset card that records their provenance"
+imitate export data/runs/demo-curated --out data/runs/demo-dataset --licence apache-2.0
+python - <<'PY'
+from datasets import load_dataset
+ds = load_dataset("data/runs/demo-dataset")
+print(f"load_dataset('data/runs/demo-dataset'): {ds}")
+PY
+
+echo "== 8. LoRA-train the SmolLM2-135M student on the curated rows for a few steps (CPU)"
 rm -rf data/runs/demo-student
-imitate train "$OUT" --out data/runs/demo-student --set train.max_steps=2 --set train.grad_accum=1 \
+imitate train data/runs/demo-curated --out data/runs/demo-student --set train.max_steps=2 --set train.grad_accum=1 \
   --set train.eval_fraction=0 2>&1 | grep -v "de-quantizing GGUF"
