@@ -8,6 +8,9 @@ handler because this server is the ceiling every harvester benchmark is measured
 
 - Answers are deterministic explanations built from the prompt: same messages -> same text. `[[len:N]]` in the
   last user turn asks for N body sentences; `max_tokens` truncates with `finish_reason="length"`.
+- A judge prompt (one asking for `Rating: [[N]]` or `[[A]]`/`[[B]]`/`[[C]]`) gets a scripted verdict (`judge.py`:
+  `[[fake-verdict:V]]` and `[[fake-score:N]]` markers, `judge_bias="A"` for a position-biased judge). `vary=True`
+  makes a repeated prompt's k-th ask a different wording, as a teacher sampling at temperature > 0.
 - Tokens are estimated (`estimate_tokens`): ceil(chars / 4) per message plus 4 per message.
 - Rate limits are OpenAI-style token buckets: capacity = the per-minute limit, refilled continuously at
   limit/60 per second. A request costs 1 request and (prompt estimate + max_tokens) tokens, charged up front

@@ -1,6 +1,7 @@
 """What the fake teacher says: its configuration, fault names and parsing, token estimates, and the
 deterministic step-by-step answers built from the prompt (same messages -> same text). A prompt ending in an
-open numbered task ("N. Instruction:", a Self-Instruct request) gets a list of tasks instead (`tasks.py`)."""
+open numbered task ("N. Instruction:", a Self-Instruct request) gets a list of tasks instead (`tasks.py`), and a
+judge prompt (a `Rating: [[N]]` or `[[A]]`/`[[B]]` verdict asked for) a scripted verdict (`judge.py`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 from typing import Any
 
 from imitate.errors import ConfigError
+from imitate.teacher.fake.judge import fake_judgement, judge_kind
 from imitate.teacher.fake.tasks import continues_task_list, fake_task_list
 
 NAMED_FAULTS = {
@@ -61,6 +63,8 @@ class FakeConfig:
     jitter_s: float = _option(0.0, "extra uniform random seconds before every answer")
     sentences: int = _option(4, "body sentences per answer")
     list_items: int = _option(8, "tasks written when a prompt ends in an open 'N. Instruction:' (Self-Instruct)")
+    judge_bias: str | None = _option(None, "A or B: every pairwise judge verdict picks that position (judge.py)")
+    vary: bool = _option(False, "the k-th ask of the same messages gets answer variant k (a sampling teacher)")
     api_key: str | None = _option(None, "when set, requests must send `Authorization: Bearer <api_key>`")
     hang_s: float = _option(3600.0, "how long the hang fault waits")
     slow_s: float = _option(0.5, "how long the slow fault takes to send a body")
@@ -70,6 +74,8 @@ class FakeConfig:
 
     def __post_init__(self) -> None:
         self.faults = parse_faults(self.faults) if isinstance(self.faults, str) else check_faults(self.faults)
+        if self.judge_bias not in (None, "A", "B"):
+            raise ConfigError(f"judge_bias {self.judge_bias!r}: expected A or B")
 
 
 def parse_faults(text: str | None) -> dict[str, float]:
@@ -144,11 +150,22 @@ _STEPS = (
 )
 
 
-def fake_answer(messages: list[dict[str, Any]], sentences: int = 4, list_items: int = 8) -> str:
+def fake_answer(
+    messages: list[dict[str, Any]],
+    sentences: int = 4,
+    list_items: int = 8,
+    *,
+    seed: int | None = None,
+    judge_bias: str | None = None,
+    variant: int = 0,
+) -> str:
     """A deterministic step-by-step explanation that quotes the question and follows the system style (or, for
-    a prompt ending in "N. Instruction:", `list_items` more numbered tasks)."""
+    a prompt ending in "N. Instruction:", `list_items` more numbered tasks; for a judge prompt, a verdict that
+    may depend on the request's `seed`). `variant` k > 0 words the explanation differently (the k-th sample)."""
     system = " ".join(_text(m.get("content")) for m in messages if m.get("role") == "system").lower()
     question = last_user(messages)
+    if (kind := judge_kind(question)) is not None:
+        return fake_judgement(question, kind, seed=seed, bias=judge_bias)
     if (first := continues_task_list(question)) is not None:
         return fake_task_list(question, first, list_items, digest(messages))
     if marker := _LEN_MARK.search(question):
@@ -157,6 +174,8 @@ def fake_answer(messages: list[dict[str, Any]], sentences: int = 4, list_items: 
         sentences = min(sentences, 2)
     question = " ".join(_LEN_MARK.sub("", FAULT_MARK.sub("", question)).split())
     hashed = digest(messages)
+    if variant:
+        hashed = hashlib.sha256(hashed + variant.to_bytes(8, "big")).digest()
     words = list(dict.fromkeys(w for w in _WORD.findall(question) if w.lower() not in _STOP))
     words += ["the idea", "the details", "the result"][len(words) :]
     topic = question if len(question) <= 70 else question[:70].rsplit(" ", 1)[0]

@@ -122,12 +122,14 @@ class FakeTeacher:
         await self.stop()
 
     def reset(self) -> None:
-        """Forget stats, bucket levels, scripted-fault attempts and the fault RNG (files and batches stay)."""
+        """Forget stats, bucket levels, scripted-fault attempts, ask counts and the fault RNG (files and batches
+        stay)."""
         cfg, now = self.config, time.monotonic()
         self._rng = random.Random(cfg.seed)
         self._rpm = TokenBucket(cfg.rpm, now) if cfg.rpm else None
         self._tpm = TokenBucket(cfg.tpm, now) if cfg.tpm else None
         self._attempts: dict[bytes, int] = {}
+        self._asked: dict[bytes, int] = {}  # asks per messages digest (FakeConfig.vary)
         counters = "requests rate_limited completed prompt_tokens completion_tokens tokens_served batch_lines"
         self._stats: dict[str, Any] = dict.fromkeys(counters.split(), 0)
         self._stats |= {"by_status": {}, "faults": {}, "in_flight": 0, "max_in_flight": 0}
@@ -353,7 +355,13 @@ class FakeTeacher:
         model = payload.get("model") or self.config.model
         if fault is not None and (error := self._fault_error(fault, model, given_key)) is not None:
             return error
-        text = fake_answer(payload["messages"], self.config.sentences, self.config.list_items)
+        variant = 0
+        if self.config.vary:  # the k-th ask of the same messages: a sampling teacher words it differently
+            key = digest(payload["messages"])
+            variant = self._asked[key] = self._asked.get(key, -1) + 1
+        cfg = self.config
+        text = fake_answer(payload["messages"], cfg.sentences, cfg.list_items, seed=payload.get("seed"),
+                           judge_bias=cfg.judge_bias, variant=variant)  # fmt: skip
         max_tokens = payload.get("max_tokens") or payload.get("max_completion_tokens")
         if fault == "length":
             max_tokens = min(max_tokens or 10**9, max(1, estimate_tokens(text) // 2))
