@@ -8,6 +8,7 @@
     imitate convert IN --to FORMAT --out PATH  |   imitate train DATA --out DIR [...]
     imitate merge ... | imitate chat ...
     imitate eval bench --model M [--adapter DIR] --data FILE ... --out DIR
+    imitate eval lm-eval --model M [--adapter DIR] --tasks mmlu,gsm8k --out DIR [--include-path DIR]
 
 Exit codes: an ImitateError is one line on stderr and its own code (`--debug` adds the traceback, same code); a
 usage error prints click's usage line and exits 2; Ctrl-C at any moment exits 130 with a message (the console
@@ -553,6 +554,33 @@ def eval_bench_cmd(
         train_data=list(train_data or []), ngram=ngram, seed=seed, prompt=prompt,
     )  # fmt: skip
     bench_command(options, argv=_state["argv"] or ["eval", "bench"])
+
+
+@eval_app.command("lm-eval")
+def eval_lm_eval_cmd(
+    tasks: list[str] = typer.Option(..., "--tasks", help="lm-eval tasks/groups, comma-separated: mmlu,gsm8k"),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder: report.md, report.json, lm-eval/ results."),
+    model: str | None = typer.Option(None, "--model", help="Student: folder, .gguf, merged folder or adapter folder."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="LoRA adapter applied to --model (or its own base)."),
+    base: str | None = typer.Option(None, "--base", help="Base to compare with (default: what the student records)."),
+    no_base: bool = typer.Option(False, "--no-base", help="Evaluate the student alone."),
+    include_path: list[Path] | None = typer.Option(None, "--include-path", help="Folder of local task YAMLs."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="First N items of each task (a quick look)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Requests per forward pass."),
+    num_fewshot: int | None = typer.Option(None, "--num-fewshot", min=0, help="Few-shot examples (task default)."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Render prompts with the chat template."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the harness and of the paired bootstrap."),
+) -> None:
+    """EleutherAI's lm-evaluation-harness on the student and its base, folded into the report (needs the lmeval
+    extra: pip install 'imitate[lmeval]')."""
+    from imitate.evaluate.lmeval import LmEvalOptions, lm_eval_command
+
+    options = LmEvalOptions(
+        tasks=list(tasks), out=out, model=model, adapter=adapter, base=base, no_base=no_base,
+        include_path=list(include_path or []), limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
+        chat_template=chat_template, seed=seed,
+    )  # fmt: skip
+    lm_eval_command(options, argv=_state["argv"] or ["eval", "lm-eval"], echo=typer.echo)
 
 
 def main(argv: list[str] | None = None) -> int:
