@@ -421,3 +421,32 @@ def test_the_console_script_prints_one_line():
     )
     assert r.returncode == 3 and r.stderr.strip() == "error: InputError: nope.jsonl: no such file or folder"
     assert not (REPO / "data" / "runs" / "never-curated" / "records.jsonl").exists()
+
+
+def test_a_harvest_folders_failed_rows_meet_the_failed_gate_once_and_only_while_unanswered(tmp_path):
+    """failures.jsonl keeps every failure line ever written: a request that failed twice counts once (its last
+    line), and one that a later run answered does not count at all."""
+    from imitate.harvest.journal import Journal
+
+    def failure(i: int, cls: str) -> Record:
+        r = rec(i, None, status="failed", error_class=cls, error_message="boom")
+        r.provenance.request_key = f"{i:064x}"
+        return r
+
+    def answer(i: int) -> Record:
+        r = rec(i, LOREM + f" {i}")
+        r.provenance.request_key = f"{i:064x}"
+        return r
+
+    harvest = tmp_path / "harvest"
+    with Journal(harvest) as journal:
+        for r in (failure(1, "ServerError"), failure(2, "BadRequest"), failure(3, "ServerError")):
+            journal.append(r)
+        for r in (failure(1, "ServerError"), answer(3), answer(4)):  # a second run: 1 fails again, 3 answered
+            journal.append(r)
+    manifest = curate(harvest, tmp_path / "out", CurateConfig())
+    dropped = [json.loads(line) for line in (tmp_path / "out" / "dropped.jsonl").read_text().splitlines()]
+    kept = [Record.from_json(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert sorted(d["record"]["id"] for d in dropped if d["gate"] == "failed") == ["r1", "r2"]
+    assert manifest["gates"]["failed"] == 2
+    assert sorted(r.id for r in kept) == ["r3", "r4"]

@@ -9,7 +9,9 @@ system prompt, and write what was kept, what was dropped and why, and a manifest
         [--format auto|openorca|sharegpt|alpaca|messages|imitate] [--skip-bad-rows] [--config FILE] [--set k=v]
 
 IN is anything `imitate.dataset.formats.read_records` reads (a harvest folder, JSONL/Parquet/CSV/JSON of any
-supported format, a datasets folder, a Hub name). Output, each written under a temporary name and moved into
+supported format, a datasets folder, a Hub name). A harvest folder's failed rows (failures.jsonl, which the reader
+skips) follow its answers through the gates, each failed request once and only while no run has answered it, so
+the `failed` gate counts and keeps them. Output, each written under a temporary name and moved into
 place only when the run succeeds:
 
     DIR/records.jsonl    the kept records (imitate records, input order)
@@ -25,6 +27,7 @@ the system message is replaced by the generic one of prompts/curation.yaml (or r
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -135,6 +138,7 @@ def curate(
 ) -> dict[str, Any]:
     """Run the gates (and selection, erasure) over `input`; write DIR's three files; return the manifest."""
     from imitate.dataset.formats import read_records
+    from imitate.dataset.harvested import failed_now
     from imitate.dataset.io import ReadStats, atomic_path
 
     out = Path(out)
@@ -151,7 +155,10 @@ def curate(
         open(dropped_path, "w", encoding="utf-8") as dropped_file,
     ):
         sink = _Sink(kept_file, dropped_file, cfg.erase_system, curation.generic_system)
-        seen = _run(read_records(input, format, skip_bad_rows=skip_bad_rows, stats=stats), gates, cfg, sink)
+        rows = read_records(input, format, skip_bad_rows=skip_bad_rows, stats=stats)
+        if Path(input).is_dir():  # a harvest folder: its failed rows (failures.jsonl) meet the `failed` gate too
+            rows = itertools.chain(rows, failed_now(Path(input)))
+        seen = _run(rows, gates, cfg, sink)
     manifest = _manifest(input, cfg, curation, gates, sink, stats, seen, command, started)
     with atomic_path(out / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

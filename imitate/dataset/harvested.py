@@ -3,6 +3,7 @@ harvests and reads their records back as they are appended):
 
     tail = Tail(out_dir); for record, shard, offset in tail.new(): ...   # each line once, in journal order
     is_final(record)          # answered, or failed for good (a transient failure is asked again next run)
+    failed_now(out_dir)       # the failed rows as they stand: each failed request once, none answered later
     ledger_spent(out_dir)     # what the teacher may have billed there, every run included
     copy_records(out_dir, [(shard, offset), ...], target, tags)   # chosen records, tagged, written whole
 """
@@ -16,7 +17,7 @@ from typing import BinaryIO
 
 from imitate import errors
 from imitate.dataset.io import atomic_path
-from imitate.harvest.journal import FAILURES, INDEX, Journal
+from imitate.harvest.journal import FAILURES, INDEX, OK, Journal
 from imitate.harvest.ledger import Spent
 from imitate.records import Record
 
@@ -57,6 +58,33 @@ class Tail:
                     yield record, path.name, offset
                     offset += len(raw)
                     self._offsets[path.name] = offset
+
+
+def failed_now(root: Path) -> Iterator[Record]:
+    """The harvest's failed rows as they stand now (for `imitate curate`, whose `failed` gate drops and counts
+    them): each failed request once, by the line the index points to (its last failure), and none that a later
+    run answered (failures.jsonl keeps every failure line ever written). Read without writing; O(1) memory."""
+    if not (root / FAILURES).exists() or not (root / INDEX).exists():
+        return
+    journal = Journal(root, readonly=True)
+    try:
+        with open(root / FAILURES, "rb") as f:
+            offset = 0
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break  # a torn last line: the next harvest cuts it off
+                try:
+                    record = Record.model_validate_json(raw)
+                except ValueError:
+                    break
+                row = journal.db.execute(
+                    "SELECT ok, file, offset FROM done WHERE key=?", (bytes.fromhex(record.provenance.request_key),)
+                ).fetchone()
+                if row is not None and row[0] != OK and row[1] == FAILURES and row[2] == offset:
+                    yield record
+                offset += len(raw)
+    finally:
+        journal.close()
 
 
 def ledger_spent(root: Path) -> Spent:
