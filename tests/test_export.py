@@ -227,7 +227,7 @@ def test_a_stage_folder_exports_its_records_not_side_files_and_cards_its_inner_s
     assert main(["export", str(stage), "--out", str(out)]) == 0
     assert len(load(out, tmp_path)["train"]) == len(ok_records(harvest_dir))
     _, body = front_matter(out)
-    assert "#### generate: `stage`" in body and "| rejected.similar | 3 |" in body and "#### harvest: `answer`" in body
+    assert "#### generate self-instruct: `stage`" in body and "| rejected.similar | 3 |" in body and "#### harvest: `answer`" in body
 
 
 def test_no_secret_in_any_exported_byte(harvest_dir: Path, tmp_path: Path, monkeypatch):

@@ -57,6 +57,8 @@ def stage_kind(manifest: dict[str, Any]) -> str:
     if "totals" in manifest and "teachers" in manifest:
         return "harvest"
     words = str(manifest.get("command", "")).split()
+    if len(words) > 2 and words[:2] in (["imitate", "generate"], ["imitate", "import"]):
+        return f"{words[1]} {words[2]}"  # `imitate generate self-instruct`, `imitate import sharegpt`
     return words[1] if len(words) > 1 and words[0] == "imitate" else "unknown"
 
 
