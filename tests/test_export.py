@@ -204,7 +204,8 @@ def test_card_of_a_curated_set_shows_its_gates_and_dedup_settings(harvest_dir: P
     assert len(load(out, tmp_path)["train"]) == 3  # the kept records, not dropped.jsonl
     _, body = front_matter(out)
     gates = json.loads((curated / "manifest.json").read_text())["gates"]
-    assert sum(gates.values()) == 4 and "#### curate: `curated`" in body and "#### harvest: `h`" in body
+    assert gates["failed"] == 1  # the harvest's BadRequest row (failures.jsonl) meets the failed gate
+    assert sum(gates.values()) == 5 and "#### curate: `curated`" in body and "#### harvest: `h`" in body
     for gate, n in gates.items():  # every gate that dropped rows, with its count, as the manifest says
         assert (f"| gates.{gate} | {n} |" in body) == (n > 0)
     assert "near_dup.threshold`: `0.8`" in body and "No deduplication" not in body
@@ -227,7 +228,11 @@ def test_a_stage_folder_exports_its_records_not_side_files_and_cards_its_inner_s
     assert main(["export", str(stage), "--out", str(out)]) == 0
     assert len(load(out, tmp_path)["train"]) == len(ok_records(harvest_dir))
     _, body = front_matter(out)
-    assert "#### generate self-instruct: `stage`" in body and "| rejected.similar | 3 |" in body and "#### harvest: `answer`" in body
+    assert (
+        "#### generate self-instruct: `stage`" in body
+        and "| rejected.similar | 3 |" in body
+        and "#### harvest: `answer`" in body
+    )
 
 
 def test_no_secret_in_any_exported_byte(harvest_dir: Path, tmp_path: Path, monkeypatch):
