@@ -8,6 +8,7 @@
     imitate convert IN --to FORMAT --out PATH  |   imitate train DATA --out DIR [...]
     imitate merge ... | imitate chat ...
     imitate eval bench --model M [--adapter DIR] --data FILE ... --out DIR
+    imitate eval judge --model M [--adapter DIR] --questions FILE --judge-base-url URL --judge-model NAME --out DIR
     imitate eval lm-eval --model M [--adapter DIR] --tasks mmlu,gsm8k --out DIR [--include-path DIR]
 
 Exit codes: an ImitateError is one line on stderr and its own code (`--debug` adds the traceback, same code); a
@@ -524,6 +525,62 @@ def generate_self_instruct_cmd(
 
 eval_app = typer.Typer(help="Evaluate a student beside its base: benchmarks, judge, lm-eval.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("judge")
+def eval_judge_cmd(
+    questions: str = typer.Option(
+        ..., "--questions", help="Questions (id, question, category): any file harvest reads."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder: judge_scores.jsonl, judge.json/png, report.md."),
+    model: str | None = typer.Option(None, "--model", help="Student: folder, .gguf, merged folder or adapter folder."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="LoRA adapter applied to --model (or its own base)."),
+    base: str | None = typer.Option(None, "--base", help="Base to compare with (default: what the student records)."),
+    no_base: bool = typer.Option(False, "--no-base", help="No base: the student alone or against --teacher-*."),
+    mode: str = typer.Option("both", "--mode", help="single (1-10 grades), pairwise (both orders) or both."),
+    judge_base_url: str | None = typer.Option(None, "--judge-base-url", help="Judge endpoint (OpenAI-compatible)."),
+    judge_model: str | None = typer.Option(None, "--judge-model", help="Judge model."),
+    api_key_env: str | None = typer.Option(None, help="Env var holding the judge's API key."),
+    rpm: int | None = typer.Option(None, help="Judge requests per minute."),
+    tpm: int | None = typer.Option(None, help="Judge tokens per minute."),
+    teacher_base_url: str | None = typer.Option(None, "--teacher-base-url", help="Also judge this endpoint's answers."),
+    teacher_model: str | None = typer.Option(None, "--teacher-model", help="The teacher endpoint's model."),
+    teacher_api_key_env: str | None = typer.Option(None, "--teacher-api-key-env", help="Env var of the teacher's key."),
+    max_usd: float | None = typer.Option(None, help="Stop before spending more than this (judge + teacher, all runs)."),
+    max_tokens: int | None = typer.Option(None, help="Stop before using more tokens than this."),
+    max_requests: int | None = typer.Option(None, help="Stop before sending more requests than this."),
+    max_reasks: int = typer.Option(2, "--max-reasks", min=0, max=5, help="Re-asks of an unreadable verdict."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="First N questions."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Answer length of the local models."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Questions per generation batch."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+) -> None:
+    """LLM judge (MT-Bench style): 1-10 grades, and student vs base (vs teacher) compared in both orders."""
+    from imitate.config import load_config, redact_command
+    from imitate.evaluate.judge_eval import JudgeEval, JudgeOptions, headline
+
+    budget = {"max_usd": max_usd, "max_tokens": max_tokens, "max_requests": max_requests}
+    flags = _flag_overrides(base_url=judge_base_url, model=judge_model, api_key_env=api_key_env, rpm=rpm, tpm=tpm,
+                            **budget)  # fmt: skip
+    cfg = load_config(config, (set_ or []) + flags)
+    teacher_cfg = None
+    if teacher_base_url or teacher_model:
+        flags = _flag_overrides(base_url=teacher_base_url, model=teacher_model, preset="none",
+                                api_key_env=teacher_api_key_env or api_key_env, **budget)  # fmt: skip
+        teacher_cfg = load_config(config, (set_ or []) + flags)
+    _check_writable(out)
+    options = JudgeOptions(
+        questions=questions, out=out, model=model, adapter=adapter, base=base, no_base=no_base, mode=mode,
+        limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, max_reasks=max_reasks,
+    )  # fmt: skip
+    command = redact_command(cfg, _state["argv"] or ["eval", "judge"])
+    log = None if quiet else (lambda line: typer.echo(line, err=True))
+    job = JudgeEval(cfg, options, teacher_cfg=teacher_cfg, command=command, log=log)
+    job.prepare()
+    _run_async(job.judge)
+    typer.echo(f"{headline(job.finish())} -> {out / 'report.md'}")
 
 
 @eval_app.command("bench")
