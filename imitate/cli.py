@@ -5,6 +5,7 @@
     imitate fake-teacher --port 8089 [--rpm N --tpm N --faults 500=0.02,reset=0.01]
     imitate harvest INPUT --out DIR [...]      |   imitate status DIR
     imitate generate self-instruct SEEDS --out DIR --target N [...]
+    imitate generate best-of-n PROMPTS --out DIR --n N [--source teacher|student] [--scorer judge|reward]
     imitate convert IN --to FORMAT --out PATH  |   imitate train DATA --out DIR [...]
     imitate merge ... | imitate chat ...
     imitate eval bench --model M [--adapter DIR] --data FILE ... --out DIR
@@ -521,6 +522,66 @@ def generate_self_instruct_cmd(
     )
     if outcome.error is not None:
         raise outcome.error
+
+
+@generate_app.command("best-of-n")
+def generate_best_of_n_cmd(
+    prompts: str = typer.Argument(..., metavar="PROMPTS", help="Prompts: any file or dataset imitate harvest reads."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output dir: records, samples, pairs, manifest, journals."),
+    n: int = typer.Option(..., "--n", min=1, help="Answers sampled per prompt."),
+    source: str = typer.Option("teacher", "--source", help="teacher (harvested) or student (sampled locally)."),
+    scorer: str = typer.Option("judge", "--scorer", help="judge (LLM judge, 1-10) or reward (--reward-model)."),
+    reward_model: Path | None = typer.Option(None, "--reward-model", help="Local HF sequence-classification folder."),
+    keep: str = typer.Option("best", "--keep", help="best, or best-worst (also pairs.jsonl for DPO)."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    base_url: str | None = typer.Option(None, help="Teacher base URL (first teacher)."),
+    model: str | None = typer.Option(None, help="Teacher model (first teacher)."),
+    api_key_env: str | None = typer.Option(None, help="Env var holding the teacher's API key."),
+    rpm: int | None = typer.Option(None, help="Requests per minute (teacher)."),
+    tpm: int | None = typer.Option(None, help="Tokens per minute (teacher)."),
+    preset: str | None = typer.Option(None, help="System-message preset of the teacher's samples (orca, none, ...)."),
+    judge_base_url: str | None = typer.Option(None, "--judge-base-url", help="Judge endpoint (default: the teacher)."),
+    judge_model: str | None = typer.Option(None, "--judge-model", help="Judge model (default: the teacher's)."),
+    judge_api_key_env: str | None = typer.Option(None, "--judge-api-key-env", help="Env var of the judge's key."),
+    student_model: str | None = typer.Option(None, "--student-model", help="--source student: folder, .gguf, adapter."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="--source student: LoRA adapter on --student-model."),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.0, max=2.0, help="--source student: sampling."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="--source student: answer length."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Local generation / reward-model batch."),
+    seed: int = typer.Option(0, "--seed", help="--source student: sampling seed (each prompt derives its own)."),
+    max_reasks: int = typer.Option(2, "--max-reasks", min=0, max=5, help="Re-asks of an unreadable judge verdict."),
+    max_usd: float | None = typer.Option(None, help="Stop before spending more than this (samples + judge, all runs)."),
+    max_tokens: int | None = typer.Option(None, help="Stop before using more tokens than this."),
+    max_requests: int | None = typer.Option(None, help="Stop before sending more requests than this."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No config dump, no progress lines."),
+) -> None:
+    """Rejection sampling: n answers per prompt, scored by a judge or a reward model, the best kept (as records)."""
+    from imitate.config import load_config, redact_command, to_yaml
+    from imitate.evaluate.bestofn import BestOfN, BestOfNOptions, headline
+
+    budget = {"max_usd": max_usd, "max_tokens": max_tokens, "max_requests": max_requests}
+    teacher = _flag_overrides(base_url=base_url, model=model, api_key_env=api_key_env, rpm=rpm, tpm=tpm, preset=preset,
+                              **budget)  # fmt: skip
+    cfg = load_config(config, (set_ or []) + teacher)
+    judge = _flag_overrides(base_url=judge_base_url or base_url, model=judge_model or model,
+                            api_key_env=judge_api_key_env or api_key_env, **budget)  # fmt: skip
+    judge_cfg = load_config(config, (set_ or []) + judge)
+    _check_writable(out)
+    command = redact_command(cfg, _state["argv"] or ["generate", "best-of-n"])
+    if not quiet:
+        typer.echo(to_yaml(cfg, command), err=True)
+    options = BestOfNOptions(
+        prompts=prompts, out=out, n=n, source=source, scorer=scorer, keep=keep, reward_model=reward_model,
+        student_model=student_model, adapter=adapter, temperature=temperature, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, seed=seed, max_reasks=max_reasks,
+    )  # fmt: skip
+    log = None if quiet else (lambda line: typer.echo(line, err=True))
+    job = BestOfN(cfg, options, judge_cfg=judge_cfg, command=command, log=log)
+    job.prepare()
+    _run_async(job.collect)
+    job.score_local()
+    typer.echo(f"{headline(job.finish())} -> {out}")
 
 
 eval_app = typer.Typer(help="Evaluate a student beside its base: benchmarks, judge, lm-eval.", no_args_is_help=True)

@@ -7,7 +7,6 @@ judge` end to end on tiny models (answers cached, report section, chart); bad qu
 import json
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -316,7 +315,6 @@ def test_bad_question_files_are_one_line(tmp_path: Path, content: str, needle: s
 
 @pytest.mark.integration
 def test_eval_judge_cli_on_tiny_models_caches_answers_and_reports(fake_teacher, tmp_path: Path, capsys):
-    sys.path.insert(0, str(Path(__file__).parent))
     from train_fixtures import tiny_model_dir
 
     student, base = tiny_model_dir(tmp_path / "student", seed=1), tmp_path / "base"

@@ -114,6 +114,7 @@ def generate_missing(
         return 0
     loaded = load()
     step = batch_size if temperature == 0 else 1
+    every = max(step, len(todo) // 10)  # about ten progress lines, whatever the size
     for start in range(0, len(todo), step):
         chunk = todo[start : start + step]
         answers = generate(
@@ -130,6 +131,7 @@ def generate_missing(
         )
         for (key, id, _), texts in zip(chunk, answers, strict=True):
             journal.append(key, id, texts)
-        if log:
-            log(f"generated {min(start + step, len(todo))}/{len(todo)} prompts with {loaded.label}")
+        done = min(start + step, len(todo))
+        if log and (done == len(todo) or done // every != (done - len(chunk)) // every):
+            log(f"generated {done}/{len(todo)} prompts with {loaded.label}")
     return len(todo)
