@@ -8,6 +8,7 @@ metadata field does not leak either.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -69,6 +70,17 @@ def check_base_url(url: str) -> str:
 class TeacherConfig(_Cfg):
     name: str = "default"
     base_url: Annotated[str, AfterValidator(check_base_url)] = "http://127.0.0.1:8089/v1"
+    base_urls: list[Annotated[str, AfterValidator(check_base_url)]] | None = Field(
+        None,
+        description="a fleet: replicas of one self-hosted teacher (vLLM, llama.cpp, imitate serve), instead of "
+        "base_url; each attempt goes to the replica with the fewest outstanding, rpm/tpm/max_concurrency apply "
+        "to each replica (imitate/harvest/fleet.py)",
+    )
+    identity: Annotated[str, AfterValidator(check_base_url)] | None = Field(
+        None,
+        description="the URL the cache/resume key names this teacher by; None = base_url (for a fleet, the first "
+        "of base_urls). Set it to the old first URL when that server leaves the fleet, so a rerun re-buys nothing",
+    )
     model: str = "fake-teacher"
     api_key_env: str | None = Field(
         None, description="name of the environment variable holding the API key (never the key itself)"
@@ -97,6 +109,42 @@ class TeacherConfig(_Cfg):
     max_response_bytes: int = Field(
         32 * 1024 * 1024, ge=1024, description="cap on one decoded chat answer; a longer one fails its row"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_way_to_name_servers(cls, data: Any) -> Any:
+        """`base_url` or `base_urls`, not both; a fleet's `base_url` becomes its first replica (what code reading
+        one endpoint, and the cache key, see). A stamped config carries both, equal: that reloads."""
+        if not isinstance(data, dict) or data.get("base_urls") is None:
+            return data
+        urls = data["base_urls"]
+        if isinstance(urls, list) and not urls:
+            raise ValueError("base_urls is empty: list one server URL or more (or give base_url)")
+        first = urls[0] if isinstance(urls, list) else None
+        if "base_url" in data and data["base_url"] != first:
+            raise ValueError("give base_url (one server) or base_urls (a fleet), not both")
+        with contextlib.suppress(ValueError):  # a bad first URL is reported once, as base_urls.0
+            data = {**data, "base_url": check_base_url(first)} if isinstance(first, str) else data
+        return data
+
+    @model_validator(mode="after")
+    def _distinct_replicas(self) -> TeacherConfig:
+        seen: dict[str, int] = {}
+        for i, url in enumerate(self.base_urls or []):
+            j = seen.setdefault(url.rstrip("/"), i)
+            if j != i:  # one server twice would get twice its share and have its limits counted twice
+                raise ValueError(f"base_urls.{i} repeats base_urls.{j} ({redact_url(url)})")
+        return self
+
+    @property
+    def replicas(self) -> list[str]:
+        """The servers requests go to: base_urls, or base_url alone."""
+        return list(self.base_urls) if self.base_urls else [self.base_url]
+
+    @property
+    def key_url(self) -> str:
+        """What the cache/resume key names this teacher by, whichever replica answers."""
+        return self.identity or self.base_url
 
 
 class FieldMap(_Cfg):
@@ -134,6 +182,12 @@ class RetryConfig(_Cfg):
     down_after_s: float = Field(
         60.0, ge=0, description="for a teacher that has answered before: also this long without an answer"
     )
+    replica_out_after: int = Field(
+        3, ge=1, description="a fleet's replica failing this many attempts in a row (refused, 5xx...) is taken out"
+    )
+    replica_backoff_s: float = Field(
+        2.0, ge=0, description="how long a failing replica stays out; doubled per failed return, up to max_delay_s"
+    )
 
 
 class HarvestConfig(_Cfg):
@@ -159,6 +213,12 @@ class HarvestConfig(_Cfg):
             raise ValueError(f"teacher names must be unique, repeated: {', '.join(dupes)}")
         if not self.teachers:
             raise ValueError("at least one teacher is needed")
+        fleets = [t.name for t in self.teachers if len(t.replicas) > 1]
+        if self.mode == "batch" and fleets:
+            raise ValueError(
+                f"mode=batch sends each teacher's requests to one Batch API; teacher {fleets[0]!r} lists several "
+                "base_urls (a fleet of self-hosted servers): use mode=online"
+            )
         return self
 
 

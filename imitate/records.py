@@ -136,6 +136,8 @@ class Provenance(_Model):
     `base_url=""`, `request_key` the sha256 of its conversation, and `source` saying where it was read.
     `erased_system` is set when `imitate curate --erase-system` replaced the system message the teacher saw
     (`system_prompt_id`/`system_prompt_sha256` keep naming the original).
+    For a teacher with several servers (`base_urls`), `base_url` names the teacher (the URL its cache key uses,
+    whichever server answered) and `replica` the server that answered (of a failed row: the last one asked).
     """
 
     teacher: str
@@ -156,6 +158,7 @@ class Provenance(_Model):
     imitate_version: str | None = None
     source: Source | None = None
     erased_system: Literal["generic", "none"] | None = None
+    replica: str | None = None  # the server of a fleet teacher that answered (redacted URL); None: one server
 
 
 class Record(_Model):

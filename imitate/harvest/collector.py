@@ -1,6 +1,6 @@
 """The async collector: it only *drives* the pure parts (planner, limiter, budget, retry policy, journal).
 
-    source ─▶ planner ─▶ per-teacher bounded queue ─▶ dispatcher (limiter admits) ─▶ task: client + retries
+    source ─▶ planner ─▶ per-teacher bounded queue ─▶ dispatcher (a replica admits) ─▶ task: client + retries
                                                                                          │
                                    journal (exactly once) ◀── record (ok / failed) ◀────┘
 
@@ -8,7 +8,8 @@
 - A request already in the journal (or answered by a fallback teacher) is skipped: never paid twice.
 - Each row ends as one record (`results.py`), ok or failed with its error class; a failure never fails the run.
 - Every attempt is admitted by the budget (all runs of this output, in-flight attempts reserved) and the
-  teacher's limiter, written to the ledger before it is sent, and its ticket answered with its outcome.
+  limiter of one of the teacher's replicas (`fleet.py`: the fewest outstanding; a lone server is a fleet of
+  one), written to the ledger before it is sent, and its ticket answered with its outcome.
 - Quota/auth/unknown-model/TLS errors, or a teacher down (`health.py`), retire a teacher: its rows stay pending
   for a rerun, or go to a fallback teacher. Rows that failed for a transient reason are asked again next run.
 - `stop()` stops admitting, waits for in-flight work up to the drain timeout, then cancels; `finally` flushes.
@@ -33,14 +34,17 @@ from imitate.errors import (
     StorageError,
     TeacherError,
 )
+from imitate.harvest.fleet import Replica
 from imitate.harvest.journal import Journal
 from imitate.harvest.plan import Budget, Planned, Planner, estimate_request
 from imitate.harvest.results import Accum, Stats, build_record
-from imitate.harvest.runtime import Doorbell, Health, TeacherRuntime
+from imitate.harvest.runtime import Doorbell, TeacherRuntime
 from imitate.records import Request
-from imitate.teacher.limiter import RateLimiter, Ticket
+from imitate.teacher.limiter import Ticket
 from imitate.teacher.reply import RateLimitState
 from imitate.teacher.retry import RetryPolicy
+
+Admitted = tuple[Replica, Ticket]  # an attempt's replica and its limiter's ticket
 
 
 class _Abandoned(Exception):
@@ -80,13 +84,7 @@ class Collector:
         self._prices: dict[str, Price] = {}
         self.teachers: dict[str, TeacherRuntime] = {}
         for t in self.h.teachers:
-            self.teachers[t.name] = TeacherRuntime(
-                cfg=t,
-                client=clients[t.name],
-                limiter=RateLimiter(rpm=t.rpm, tpm=t.tpm, max_concurrency=t.max_concurrency, clock=clock),
-                queue=asyncio.Queue(maxsize=max(16, 2 * t.max_concurrency)),
-                health=Health(self.h.retry.down_after, self.h.retry.down_after_s, clock),
-            )
+            self.teachers[t.name] = TeacherRuntime.start(t, clients[t.name], self.h.retry, clock)
 
     # ------------------------------------------------------------------------------------------ control
 
@@ -207,10 +205,10 @@ class Collector:
 
     # ------------------------------------------------------------------------------------------ dispatch
 
-    async def _acquire(self, rt: TeacherRuntime, est_tokens: int, est_usd: float) -> Ticket | None:
-        """The limiter's ticket for one attempt with its budget reserved, or None once stopping, the teacher
-        is retired, or the budget is used up (an attempt that does not fit while others are in flight waits
-        for them to settle: they usually cost less than they reserved)."""
+    async def _acquire(self, rt: TeacherRuntime, est_tokens: int, est_usd: float) -> Admitted | None:
+        """The replica for one attempt and its limiter's ticket, with the budget reserved; or None once stopping,
+        the teacher is retired, or the budget is used up (an attempt that does not fit while others are in
+        flight waits for them to settle: they usually cost less than they reserved)."""
         while not (self.stopping or rt.dead):
             if not self.budget.fits(est_usd, est_tokens):
                 if self.budget.reserved_requests == 0:
@@ -218,10 +216,10 @@ class Collector:
                     return None
                 await self._budget_bell.wait(1.0)
                 continue
-            wait, ticket = rt.limiter.try_acquire(est_tokens)
-            if ticket is not None:
+            wait, replica, ticket = rt.fleet.try_acquire(est_tokens)
+            if replica is not None and ticket is not None:
                 self.budget.reserve(est_usd, est_tokens)
-                return ticket
+                return replica, ticket
             await rt.doorbell.wait(min(wait, 1.0))
         return None
 
@@ -250,8 +248,8 @@ class Collector:
             self._holding += 1
             try:
                 p, est_tokens, est_usd = item
-                if (ticket := await self._acquire(rt, est_tokens, est_usd)) is not None:
-                    task = asyncio.create_task(self._run_one(rt, p, est_tokens, est_usd, ticket))
+                if (admitted := await self._acquire(rt, est_tokens, est_usd)) is not None:
+                    task = asyncio.create_task(self._run_one(rt, p, est_tokens, est_usd, admitted))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                 elif self.stopping:
@@ -288,21 +286,23 @@ class Collector:
 
     # ------------------------------------------------------------------------------------------ one row
 
-    async def _run_one(self, rt: TeacherRuntime, p: Planned, est_tokens: int, est_usd: float, ticket: Ticket) -> None:
-        """One row (its first attempt admitted with `ticket`) until it is journaled, handed off or abandoned."""
+    async def _run_one(
+        self, rt: TeacherRuntime, p: Planned, est_tokens: int, est_usd: float, admitted: Admitted
+    ) -> None:
+        """One row (its first attempt `admitted`) until it is journaled, handed off or abandoned."""
         try:
-            await self._row(rt, p, (est_tokens, est_usd), ticket)
+            await self._row(rt, p, (est_tokens, est_usd), admitted)
         except StorageError as exc:
             self._fail(exc)
         finally:
             self._inflight_keys.discard(p.key)
 
-    async def _row(self, rt: TeacherRuntime, p: Planned, est: tuple[int, float], ticket: Ticket) -> None:
+    async def _row(self, rt: TeacherRuntime, p: Planned, est: tuple[int, float], admitted: Admitted) -> None:
         req = p.request
         acc = Accum()
         params = req.params
         for reask in range(self.h.retry.reask_truncated + 1):
-            first = ticket if reask == 0 else None  # a re-ask is a new attempt: budget and limiter admit it
+            first = admitted if reask == 0 else None  # a re-ask is a new attempt: budget and limiter admit it
             try:
                 reply = await self._chat_with_retries(rt, p, params, est, acc, first)
             except _Abandoned:
@@ -325,42 +325,44 @@ class Collector:
         self._record(p, acc, params=params, reply=reply)
 
     async def _chat_with_retries(
-        self, rt: TeacherRuntime, p: Planned, params, est: tuple[int, float], acc: Accum, ticket: Ticket | None
+        self, rt: TeacherRuntime, p: Planned, params, est: tuple[int, float], acc: Accum, first: Admitted | None
     ):
-        """One logical request: tenacity drives attempts by error class; every attempt is admitted (`ticket`:
-        the first, admitted by the dispatcher; None: acquire one), written to the ledger before it is sent, and
-        settled in the budget, the ledger and the limiter when it ends."""
+        """One logical request: tenacity drives attempts by error class; every attempt is admitted to a replica
+        (`first`: admitted by the dispatcher; None: acquire one, so a retry may go to another replica), written
+        to the ledger before it is sent, and settled in the budget, the ledger and the limiter when it ends."""
         req = p.request
         est_tokens, est_usd = est
         async for attempt in self.policy.retrying():
             with attempt:
-                if ticket is None and (ticket := await self._acquire(rt, est_tokens, est_usd)) is None:
+                if first is None and (first := await self._acquire(rt, est_tokens, est_usd)) is None:
                     raise _Abandoned
-                admitted, ticket = ticket, None  # a ticket admits one attempt
+                (replica, admitted), first = first, None  # a ticket admits one attempt
                 if acc.attempts == 0:
                     self.journal.note_send(p.key)
                 try:
                     seq = self.journal.ledger.sent(p.key, est_usd, est_tokens)
                 except StorageError:
-                    rt.limiter.on_failure(admitted, overloaded=False)
+                    replica.limiter.on_failure(admitted, overloaded=False)
                     self.budget.release(est_usd, est_tokens)
                     raise
                 acc.attempts += 1
+                acc.replica = rt.fleet.label(replica)
                 rt.sent += 1
                 self.stats.requests += 1
                 if acc.attempts > 1:
                     self.stats.retries += 1
                 try:
-                    reply = await rt.client.chat(req.messages, model=req.model, params=params)
+                    reply = await replica.client.chat(req.messages, model=req.model, params=params)
                 except TeacherError as exc:
                     self.journal.ledger.unbilled(seq)
                     self.budget.settle(est_usd, est_tokens, 0.0, 0)
-                    self._on_error(rt, exc, admitted)
+                    self._on_error(rt, replica, exc, admitted)
                     raise
                 except asyncio.CancelledError:  # may have been answered and billed: count it at its estimate
                     self.budget.settle(est_usd, est_tokens, est_usd, est_tokens)
                     raise
-                rt.limiter.on_success(admitted, reply.usage.total_tokens, reply.rate, reply.latency_s)
+                replica.limiter.on_success(admitted, reply.usage.total_tokens, reply.rate, reply.latency_s)
+                rt.fleet.ok(replica, reply.latency_s)
                 self._account(rt, req, reply, acc, seq, est)
                 return reply
         raise AssertionError("unreachable: tenacity reraises the last error")
@@ -378,17 +380,22 @@ class Collector:
         self._budget_bell.ring()
         rt.doorbell.ring()  # a slot is free and the limiter has news: admit the next row now
 
-    def _on_error(self, rt: TeacherRuntime, exc: TeacherError, ticket: Ticket) -> None:
+    def _on_error(self, rt: TeacherRuntime, replica: Replica, exc: TeacherError, ticket: Ticket) -> None:
+        down = isinstance(exc, ServerError | NetworkError)  # no answer from that server (or a 5xx)
         if isinstance(exc, RateLimited):
             rt.throttled += 1
             self.stats.throttled += 1
             rate = exc.rate if isinstance(exc.rate, RateLimitState) else RateLimitState(retry_after_s=exc.retry_after)
-            rt.limiter.on_rate_limited(ticket, rate)  # the ticket dates it: no latency needed
+            replica.limiter.on_rate_limited(ticket, rate)  # the ticket dates it: no latency needed
         else:
-            rt.limiter.on_failure(ticket, overloaded=isinstance(exc, ServerError | NetworkError))
+            replica.limiter.on_failure(ticket, overloaded=down)
+        if down:
+            rt.fleet.failed(replica, ticket.at)
+        else:
+            rt.fleet.answered(replica)
         if isinstance(exc, TEACHER_FATAL):
             self._retire(rt, exc)
-        elif isinstance(exc, ServerError | NetworkError) and rt.health.failed(connect=isinstance(exc, ConnectFailed)):
+        elif down and rt.health.failed(connect=isinstance(exc, ConnectFailed)):
             self._retire(rt, exc, down=True)
         self._budget_bell.ring()
         rt.doorbell.ring()

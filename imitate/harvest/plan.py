@@ -81,7 +81,9 @@ class Planner:
             query_id=q.id,
             teacher=t.name,
             model=t.model,
-            base_url=redact_url(t.base_url),  # requests and their records never hold URL credentials
+            # the teacher, not the replica that will answer (a fleet is one teacher: one cache key); requests
+            # and their records never hold URL credentials
+            base_url=redact_url(t.key_url),
             messages=q.messages(text),
             params=self.cfg.params,
             sample_index=sample_index,

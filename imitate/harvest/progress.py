@@ -42,9 +42,7 @@ def snapshot(collector: Any, total_hint: int | None) -> dict[str, Any]:
         rate = finished / elapsed
         data["eta_s"] = round(left / rate, 1) if rate > 0 else None
     for name, rt in collector.teachers.items():
-        snap = rt.limiter.snapshot()
-        snap.update({"sent": rt.sent, "ok": rt.ok, "throttled": rt.throttled, "dead": rt.dead})
-        data["teachers"][name] = snap
+        data["teachers"][name] = rt.snapshot()
     return data
 
 
@@ -61,6 +59,8 @@ def _table(data: dict[str, Any]) -> Table:
         util = snap.get("utilisation")
         util_txt = f"{util * 100:.0f}% of limit" if isinstance(util, int | float) else "limit unknown"
         state = f"DOWN ({snap['dead']})" if snap.get("dead") else util_txt
+        if replicas := snap.get("replicas"):  # a fleet: how many of its servers are in service
+            state += f" · {sum(r['state'] == 'in' for r in replicas)}/{len(replicas)} replicas in"
         t.add_row(
             redact_text(f"teacher {name}"),
             f"{snap['ok']} ok · conc {snap.get('concurrency_limit', '?')} · in flight "

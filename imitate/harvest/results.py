@@ -20,11 +20,13 @@ from imitate.teacher.reply import Reply
 
 @dataclass
 class Accum:
-    """One row across its attempts (and re-asks): how many were sent, what they used and cost."""
+    """One row across its attempts (and re-asks): how many were sent, what they used and cost, and where the
+    last one went."""
 
     attempts: int = 0
     usage: Usage = field(default_factory=Usage)
     cost: float = 0.0
+    replica: str | None = None  # the fleet replica of the last attempt (None: a lone server)
 
 
 @dataclass
@@ -79,6 +81,7 @@ def build_record(
         request_id=reply.request_id if reply else None,
         created_at=round(time.time(), 3),
         imitate_version=__version__,
+        replica=acc.replica,
     )
     common = {"id": f"{p.query.id}/{req.teacher}/{req.sample_index}", "query": p.query, "messages": req.messages}
     if error is not None:

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from imitate import __version__
-from imitate.config import ImitateConfig, redacted, resolve_api_key, stamp
+from imitate.config import ImitateConfig, TeacherConfig, redact_url, redacted, resolve_api_key, stamp
 from imitate.errors import BudgetExhausted, ImitateError, InputError, Interrupted, StorageError, TeacherError
 from imitate.harvest.collector import Collector
+from imitate.harvest.fleet import FleetClients
 from imitate.harvest.journal import MANIFEST, Journal, write_json_atomic
 from imitate.harvest.plan import Budget, Planner, estimate_request
 from imitate.harvest.progress import Progress
@@ -39,20 +40,25 @@ def build_planner(cfg: ImitateConfig) -> Planner:
 
 
 def make_clients(cfg: ImitateConfig) -> dict[str, Any]:
-    """One TeacherClient per configured teacher (online and batch mode); every missing key is reported first."""
+    """One TeacherClient per configured teacher (online and batch mode), or for a teacher with several
+    `base_urls` a FleetClients holding one per replica; every missing key is reported first."""
     from imitate.teacher.client import TeacherClient
 
     keys = {t.name: resolve_api_key(t) for t in cfg.harvest.teachers}  # every missing key reported before work
-    return {
-        t.name: TeacherClient(
-            base_url=t.base_url,
+
+    def client(t: TeacherConfig, url: str) -> TeacherClient:
+        return TeacherClient(
+            base_url=url,
             api_key=keys[t.name],
             timeout=t.timeout_s,
-            max_connections=max(64, t.max_concurrency * 2),
+            max_connections=max(64, t.max_concurrency * 2),  # per replica: each has its own concurrency
             transport=t.transport,
             ca_bundle=t.ca_bundle,
             max_response_bytes=t.max_response_bytes,
         )
+
+    return {
+        t.name: FleetClients([client(t, u) for u in t.replicas]) if len(t.replicas) > 1 else client(t, t.base_url)
         for t in cfg.harvest.teachers
     }
 
@@ -121,16 +127,7 @@ def _manifest(
             "index_rebuilt": journal.rebuilt,
             "skipped_bad_input_rows": getattr(source, "skipped", 0),
         },
-        "teachers": {
-            name: {
-                **rt.limiter.snapshot(),
-                "sent": rt.sent,
-                "ok": rt.ok,
-                "throttled": rt.throttled,
-                "dead": rt.dead,
-            }
-            for name, rt in col.teachers.items()
-        },
+        "teachers": {name: rt.snapshot() for name, rt in col.teachers.items()},
         "config": redacted(cfg),
     }
 
@@ -311,8 +308,10 @@ def dry_run(cfg: ImitateConfig, input_path: str, out_dir: Path | None) -> dict[s
     teachers = {}
     for t in h.teachers:
         d = per[t.name]
-        minutes = [d["requests"] / t.rpm if t.rpm else 0.0, d["tokens"] / t.tpm if t.tpm else 0.0]
+        n = len(t.replicas)  # limits are per replica: a fleet of n moves n times as much
+        minutes = [d["requests"] / (t.rpm * n) if t.rpm else 0.0, d["tokens"] / (t.tpm * n) if t.tpm else 0.0]
         teachers[t.name] = {
+            "replicas": [redact_url(u) for u in t.replicas],
             "requests": int(d["requests"]),
             "est_tokens_upper_bound": int(d["tokens"]),
             "est_usd_upper_bound": round(d["usd"], 4),

@@ -6,6 +6,8 @@ Failed attempts in a row (no connection, 5xx, timeouts) count. A teacher that wa
 stops the run within seconds, with exit code 4, instead of turning every row into a failure. Otherwise (it
 answered before, or it answers with 5xx / times out) it must also have gone `down_after_s` without an answer, so
 a brief outage (a server restarting while 256 requests are in flight) is ridden out by the retry policy.
+For a fleet (`base_urls`) the count runs over all replicas and any replica's answer resets it: while one server
+answers the teacher is up, and its failing servers are taken out and brought back by `fleet.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from imitate.config import TeacherConfig
+from imitate.config import RetryConfig, TeacherConfig
+from imitate.harvest.fleet import Fleet, FleetClients
 from imitate.teacher.limiter import RateLimiter
 
 
@@ -78,9 +81,12 @@ def _resolve(fut: asyncio.Future) -> None:
 
 @dataclass
 class TeacherRuntime:
+    """One teacher during a run: its replicas (`fleet.py`; a lone server is a fleet of one, each with its own
+    client and limiter), its queue of rows, and its breaker (`health`: any replica's answer resets it, so the
+    teacher is down only when all its replicas are)."""
+
     cfg: TeacherConfig
-    client: Any  # TeacherClient; Any keeps this module free of the openai import chain in type checks
-    limiter: RateLimiter
+    fleet: Fleet
     queue: asyncio.Queue
     health: Health
     doorbell: Doorbell = field(default_factory=Doorbell)
@@ -89,3 +95,23 @@ class TeacherRuntime:
     ok: int = 0
     throttled: int = 0
     tokens: int = 0
+
+    @classmethod
+    def start(cls, t: TeacherConfig, client: Any, retry: RetryConfig, clock: Callable[[], float]) -> TeacherRuntime:
+        """`client`: a TeacherClient, or a FleetClients (one per replica) for a teacher with several base_urls."""
+        fleet = Fleet.build(
+            t.replicas,
+            client.clients if isinstance(client, FleetClients) else [client],
+            lambda: RateLimiter(rpm=t.rpm, tpm=t.tpm, max_concurrency=t.max_concurrency, clock=clock),
+            out_after=retry.replica_out_after,
+            backoff_s=retry.replica_backoff_s,
+            max_backoff_s=retry.max_delay_s,
+            clock=clock,
+        )
+        queue: asyncio.Queue = asyncio.Queue(maxsize=max(16, 2 * t.max_concurrency * len(t.replicas)))
+        return cls(t, fleet, queue, Health(retry.down_after, retry.down_after_s, clock))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The limiter state (summed over replicas, each listed under `replicas` in a fleet) and the counts."""
+        return {**self.fleet.snapshot(), "sent": self.sent, "ok": self.ok, "throttled": self.throttled,
+                "dead": self.dead}  # fmt: skip
