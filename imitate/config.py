@@ -449,7 +449,14 @@ class TrainConfig(_Cfg):
     save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = none")
     log_every: int = Field(1, ge=1)
     resume: str | None = Field(None, description="'latest' or a checkpoint directory")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto = bf16 on GPUs with it, else fp32")
+    dtype: Literal["auto", "float32", "bfloat16", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto = bf16 on GPUs with it, else fp32; bf16/bfloat16 = bf16 base weights (CPU too), "
+        "LoRA weights in fp32",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in backward (less activation memory, ~1 more forward)"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default")
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="QLoRA: load the base in 4/8 bit (bitsandbytes; CUDA only: pip install 'imitate[gpu]')"

@@ -280,6 +280,6 @@ def device_and_dtype(choice: str) -> tuple[Any, Any]:
         bf16 = torch.cuda.is_bf16_supported()
     else:
         device, bf16 = torch.device("cpu"), False
-    if choice == "bfloat16" or (choice == "auto" and bf16):
+    if choice in ("bfloat16", "bf16") or (choice == "auto" and bf16):
         return device, torch.bfloat16
     return device, torch.float32

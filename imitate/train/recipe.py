@@ -34,7 +34,7 @@ from rich.console import Console
 from imitate import config as cfgmod
 from imitate.errors import TrainError
 from imitate.records import Record
-from imitate.train import attention, checkpoint, data, dropout, fused, metrics, report
+from imitate.train import attention, checkpoint, data, dropout, fused, metrics, recompute, report
 from imitate.train.cache import cache_root, cached_tokenize
 from imitate.train.distributed import World, close_world, init_world
 from imitate.train.loss import token_losses
@@ -339,6 +339,8 @@ def _build_student(t: cfgmod.TrainConfig, source: ModelSource, device: Any, dtyp
     dropout_rng = np.random.Generator(np.random.SFC64(t.seed))
     dropout.install(model, dropout_rng)  # same semantics, faster masks on CPU (train/dropout.py)
     fused.install(model)  # each LoRA projection as one autograd node, peft's arithmetic (train/fused.py)
+    if t.gradient_checkpointing:  # recompute layers in backward with the same dropout masks (train/recompute.py)
+        recompute.enable(model, dropout_rng)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     world.broadcast_params(params)
