@@ -355,3 +355,8 @@ def test_cli_usage_and_one_line_errors(fake_teacher, tmp_path: Path, capsys):
                  "--model", str(tmp_path / "missing"), "--judge-base-url", fake_teacher.base_url])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1 and "does not exist" in err[0]
+    code = main(["eval", "judge", "--questions", str(QUESTIONS), "--out", str(tmp_path / "r"), "--no-base",
+                 "--judge-base-url", fake_teacher.base_url])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and "--mode both compares the student with a second model" in err[0]
+    assert fake_teacher.stats()["requests"] == 0  # every error came before any judge call

@@ -191,7 +191,10 @@ class BestOfN:
         if outcome.error is not None:
             raise outcome.error
         planner = build_planner(cfg)
-        wanted = {p.key: p.query.id for q in self.queries for p in planner.plan(q)}  # this run's requests only
+        wanted: dict[str, str] = {}  # the requests of this run's settings (a fallback teacher's included)
+        for q in self.queries:
+            for p in planner.plan(q):
+                wanted |= {key: q.id for key in (p.key, *(r.key() for r in planner.fallback_requests(p)))}
         got: dict[str, Record] = {}
         for record, _, _ in Tail(self.dirs["samples"]).new():
             key = record.provenance.request_key
@@ -308,6 +311,7 @@ class BestOfN:
             "source": o.source,
             "scorer": o.scorer,
             "keep": o.keep,
+            "status": "complete",
             "student": {
                 "model": o.student_model,
                 "adapter": str(o.adapter) if o.adapter else None,

@@ -111,6 +111,9 @@ class JudgeEval:
         from imitate.train.model import resolve
 
         o = self.o
+        if o.mode != "single" and o.no_base and self.teacher_cfg is None:
+            raise InputError(f"--mode {o.mode} compares the student with a second model, and there is none",
+                             hint="drop --no-base, add --teacher-base-url, or use --mode single")  # fmt: skip
         questions = read_questions(o.questions, o.limit)
         model, adapter = split_spec(o.model, o.adapter)
         if adapter is not None and not adapter.is_dir():
@@ -200,7 +203,8 @@ class JudgeEval:
         if self.teacher_cfg is not None:
             self.answers["teacher"] = await self._teacher_answers()
         if self.o.mode in ("pairwise", "both") and not self._pairs():
-            raise InputError("pairwise judging needs a second model", hint="drop --no-base or add --teacher-base-url")
+            raise InputError(f"--mode {self.o.mode} compares the student with a second model, and there is none",
+                             hint="drop --no-base, add --teacher-base-url, or use --mode single")  # fmt: skip
         self._build_items()
         runner = JudgeRunner(self.cfg, self.dirs["judge"], self.prompts, max_reasks=self.o.max_reasks,
                              others=[self.dirs["teacher"]], command=self.command, progress=self.progress,
