@@ -271,6 +271,17 @@ async def test_bounded_re_asks_and_failed_requests(tmp_path: Path):
         await runner.run([JudgeItem("k", "single", "Q", ("a",)), JudgeItem("k", "single", "Q", ("b",))])
 
 
+async def test_another_judge_model_is_asked_anew_in_the_same_folder(tmp_path: Path):
+    items = [JudgeItem(f"s{i}", "single", "Q?", (f"answer {i}",)) for i in range(3)]
+    async with FakeTeacher() as fake:
+        first = await JudgeRunner(cfg_for(fake.base_url), tmp_path / "j", load_judge_prompts()).run(items)
+        cfg = cfg_for(fake.base_url, "harvest.teachers.0.model=another-judge")
+        second = await JudgeRunner(cfg, tmp_path / "j", load_judge_prompts()).run(items)
+        assert fake.stats()["requests"] == 6  # the first model's verdicts are not the second's
+    for key in first:
+        assert first[key].attempts[0]["request_key"] != second[key].attempts[0]["request_key"]
+
+
 def test_a_budget_covers_the_judge_with_exit_5(fake_teacher, tmp_path: Path, capsys):
     """The judge's requests go through the harvest budget: --max-requests stops it, the rerun continues."""
     qs = tmp_path / "q.jsonl"

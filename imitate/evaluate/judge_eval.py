@@ -158,12 +158,14 @@ class JudgeEval:
         return {qid: journal.get(key)[0] for key, qid, _ in prompts}  # type: ignore[index]
 
     async def _teacher_answers(self, clients: dict[str, Any] | None = None) -> dict[str, str]:
-        from imitate.harvest.run import harvest
+        from imitate.harvest.run import build_planner, harvest
 
         assert self.teacher_cfg is not None
         ids = {q.id: f"{q.id}:{sha256_text(transcript(q))[:12]}" for q in self.questions}
         queries = [q.model_copy(update={"id": ids[q.id]}) for q in self.questions]
         cfg = budgeted(self.teacher_cfg, [self.dirs["judge"]])
+        planner = build_planner(cfg)  # answers are read back by request key: another model's are not these
+        keys = {q.id: planner.plan(query)[0].key for q, query in zip(self.questions, queries, strict=True)}
         outcome = await harvest(cfg, self.o.questions, self.dirs["teacher"], command=self.command,
                                 progress=self.progress, source=queries)  # fmt: skip
         self.this_run["teacher_requests"] = outcome.manifest["this_run"]["requests"]
@@ -172,8 +174,8 @@ class JudgeEval:
         got: dict[str, str] = {}
         for record, _, _ in Tail(self.dirs["teacher"]).new():
             if record.status == "ok" and is_final(record):
-                got[record.query.id] = record.response or ""
-        return {qid: got[key] for qid, key in ids.items() if key in got}
+                got[record.provenance.request_key] = record.response or ""
+        return {qid: got[key] for qid, key in keys.items() if key in got}
 
     # ------------------------------------------------------------------------------------------ judging
 

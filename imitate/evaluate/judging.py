@@ -13,9 +13,10 @@ After the last re-ask the item is `unparsed`, with the reason, and is never scor
 good (context too long, content filter, ...) is `failed`; a transient failure stops the run (`TeacherError`,
 exit 4) and the rerun asks it again.
 
-Resume: query ids carry a hash of the prompt text and the attempt number, so a rerun plans the same queries; the
-journal skips those answered and the replies are read back from the directory (`dataset/harvested.Tail`), so
-the same verdicts are parsed again and the same items re-asked: nothing is bought twice.
+Resume: query ids carry a hash of the prompt text and the attempt number, so a rerun plans the same requests; the
+journal skips those answered and the replies are read back from the directory (`dataset/harvested.Tail`, by
+request key: the same prompt put to another judge model is another request), so the same verdicts are parsed
+again and the same items re-asked: nothing is bought twice.
 
 `budgeted(cfg, others)`: the budget of `cfg` less what the harvests in `others` (other directories of the same
 command, e.g. the teacher's answers) have used, so one `--max-usd` covers the whole command across runs.
@@ -141,7 +142,7 @@ class JudgeRunner:
         self.others, self.command, self.progress, self.clients = list(others), command, progress, clients
         self.log = log or (lambda _: None)
         self.tail = Tail(out)
-        self.replies: dict[str, Record] = {}  # query id -> its final record (ok wins over failed)
+        self.replies: dict[str, Record] = {}  # request key -> its final record (ok wins over failed)
         self.this_run: dict[str, int] = {"requests": 0, "ok": 0, "failed": 0, "resent_after_crash": 0}
 
     async def run(self, items: Sequence[JudgeItem]) -> dict[str, JudgeResult]:
@@ -173,10 +174,10 @@ class JudgeRunner:
                 break
             queries = {i.key: judge_query(self.prompts, i, attempt) for i in pending}
             unique = list({q.id: q for q in queries.values()}.values())  # the same prompt twice is asked once
-            await self._harvest(attempt_config(self.cfg, prompt, attempt), unique, clients)
+            keys = await self._harvest(attempt_config(self.cfg, prompt, attempt), unique, clients)
             still = []
             for item in pending:
-                record = self.replies[queries[item.key].id]
+                record = self.replies[keys[queries[item.key].id]]
                 if self._settle(kind, record, results[item.key]):
                     continue
                 still.append(item)
@@ -202,10 +203,14 @@ class JudgeRunner:
         ask["reason"] = parsed.reason
         return False
 
-    async def _harvest(self, cfg: ImitateConfig, queries: list[Query], clients: dict[str, Any]) -> None:
-        from imitate.harvest.run import harvest
+    async def _harvest(self, cfg: ImitateConfig, queries: list[Query], clients: dict[str, Any]) -> dict[str, str]:
+        """Ask `queries` (those not answered yet); returns each query id's request key, whose reply is then in
+        `self.replies` (keys, not ids: the same prompt put to another judge model is another request)."""
+        from imitate.harvest.run import build_planner, harvest
 
         cfg = budgeted(cfg, self.others)
+        planner = build_planner(cfg)
+        keys = {q.id: planner.plan(q)[0].key for q in queries}
         outcome = await harvest(cfg, f"judge ({len(queries)} prompts)", self.out, command=self.command,
                                 progress=self.progress, clients=clients, source=queries)  # fmt: skip
         run = outcome.manifest["this_run"]
@@ -215,19 +220,17 @@ class JudgeRunner:
         error: ImitateError | None = outcome.error
         if error is not None:
             raise error
-        missing = [q.id for q in queries if q.id not in self.replies]
+        missing = [q for q, key in keys.items() if key not in self.replies]
         if missing:  # harvest reported no error, yet a reply is not there: never score on a guess
             raise ImitateError(f"{len(missing)} judge replies missing from {self.out} (first: {missing[0]})",
                                hint="rerun the same command")  # fmt: skip
+        return keys
 
     def _read(self) -> None:
         for record, _, _ in self.tail.new():
             if not is_final(record):
                 continue
-            known = self.replies.get(record.query.id)
+            key = record.provenance.request_key
+            known = self.replies.get(key)
             if known is None or (known.status != "ok" and record.status == "ok"):
-                self.replies[record.query.id] = record
-
-    def billable(self) -> dict[str, Any]:
-        s = ledger_spent(self.out)
-        return {"requests": s.requests, "usd_upper_bound": round(s.usd, 8), "tokens": s.tokens}
+                self.replies[key] = record
