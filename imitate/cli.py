@@ -150,6 +150,7 @@ def harvest_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and estimate; send nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress view."),
     json_log: bool = typer.Option(False, "--json-log", help="Progress as JSON lines on stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the whole resolved config at start."),
 ) -> None:
     """Harvest teacher answers for every input row: rate-limited, resumable, budgeted."""
     import json
@@ -181,8 +182,12 @@ def harvest_cmd(
     _check_writable(out)
     command = redact_command(cfg, _state["argv"] or ["harvest"])
     progress = "quiet" if quiet else "json" if json_log else ("live" if sys.stderr.isatty() else "quiet")
-    if not quiet:
+    if verbose:
         typer.echo(to_yaml(cfg, command), err=True)
+    elif not quiet:
+        from imitate.harvest.progress import settings_summary
+
+        typer.echo(settings_summary(cfg, out), err=True)
     if cfg.harvest.mode == "batch":
         from imitate.harvest import batch
 
@@ -399,11 +404,16 @@ def train_cmd(
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
     check: bool = typer.Option(False, "--check", help="Tokenise, summarise refusals, dump a few masks; no training."),
+    estimate_memory: bool = typer.Option(
+        False, "--estimate-memory", help="Print the expected peak memory from the model's config; no training."
+    ),
 ) -> None:
     """LoRA SFT of the student on harvested records (one explicit loop; runs unchanged under torchrun)."""
     from imitate.train.commands import train_command
 
-    train_command(data, out, model=model, config=config, overrides=set_ or [], check=check)
+    train_command(
+        data, out, model=model, config=config, overrides=set_ or [], check=check, estimate_memory=estimate_memory
+    )
 
 
 @app.command("merge")
@@ -451,8 +461,16 @@ def serve_cmd(
 
     _run_async(
         serve_command(
-            model, adapter=adapter, host=host, port=port, api_key_env=api_key_env, max_batch=max_batch,
-            queue=queue, max_model_len=max_model_len, model_name=model_name, threads=threads,
+            model,
+            adapter=adapter,
+            host=host,
+            port=port,
+            api_key_env=api_key_env,
+            max_batch=max_batch,
+            queue=queue,
+            max_model_len=max_model_len,
+            model_name=model_name,
+            threads=threads,
         )  # fmt: skip
     )
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from imitate.cli import main
 from imitate.config import load_config
 from imitate.errors import BudgetExhausted, InputError, TeacherError
 from imitate.harvest.batch import harvest_batch
@@ -321,3 +322,18 @@ def test_batch_request_files_respect_line_and_byte_limits(tmp_path: Path):
     small.close()
     assert all(p.stat().st_size <= 600 for p, _ in small.files) and len(small.files) > 1
     assert sum(len(p.read_text().splitlines()) for p, _ in small.files) == 5
+
+
+def test_harvest_prints_a_settings_summary_and_the_whole_config_only_with_verbose(fake_teacher, tmp_path, capsys):
+    src = tmp_path / "q.jsonl"
+    src.write_text('{"id": "a", "question": "Why is the sky blue?"}\n')
+    url = fake_teacher.base_url.replace("http://", "http://me:pw-31337@")
+    args = ["harvest", str(src), "--base-url", url, "--max-usd", "2", "--rpm", "60", "--set", "harvest.preset=none"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "teacher  default: fake-teacher at http://***@127.0.0.1" in err and "rpm 60, tpm from headers" in err
+    assert "budget   $2.0" in err and f"output   {tmp_path / 'a'}" in err
+    assert "harvest:" not in err and "pw-31337" not in err  # the YAML config is not printed, the secret never
+    assert main([*args, "--out", str(tmp_path / "b"), "--verbose"]) == 0
+    err = capsys.readouterr().err
+    assert "harvest:" in err and "teachers:" in err and "pw-31337" not in err

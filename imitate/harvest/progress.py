@@ -99,3 +99,34 @@ class Progress:
             self._live.update(_table(self.data()))
             self._live.stop()
             self._live = None
+
+
+def settings_summary(cfg: Any, out: Any) -> str:
+    """The few lines a harvest prints at start (teachers, limits, preset, params, budget, output) instead of the
+    whole resolved config, which is written to OUT/config.yaml (and printed by `--verbose`)."""
+    from imitate.config import redact_url
+
+    h = cfg.harvest
+
+    def limit(name: str, value: Any) -> str:
+        return f"{name} {value}" if value is not None else f"{name} from headers"
+
+    lines = []
+    for t in h.teachers:
+        urls = [redact_url(u) for u in (t.base_urls or [t.base_url])]
+        where = urls[0] if len(urls) == 1 else f"{urls[0]} (+{len(urls) - 1} replicas)"
+        lines.append(
+            f"teacher  {t.name}: {t.model} at {where} · {limit('rpm', t.rpm)}, {limit('tpm', t.tpm)}, "
+            f"concurrency {t.max_concurrency}" + (" · fallback" if t.fallback else "")
+        )
+    p = h.params
+    lines.append(
+        f"prompts  preset {h.preset} · {h.samples_per_prompt} sample(s) per prompt · max_tokens {p.max_tokens}, "
+        f"temperature {p.temperature} · mode {h.mode}"
+    )
+    b = h.budget
+    caps = [f"${b.max_usd}" if b.max_usd else None, f"{b.max_tokens} tokens" if b.max_tokens else None]
+    caps.append(f"{b.max_requests} requests" if b.max_requests else None)
+    lines.append("budget   " + (", ".join(c for c in caps if c) or "none (set --max-usd to cap the spend)"))
+    lines.append(f"output   {out} (resolved config in {out}/config.yaml; --verbose prints it)")
+    return redact_text("\n".join(lines))
