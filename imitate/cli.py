@@ -404,11 +404,16 @@ def train_cmd(
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
     check: bool = typer.Option(False, "--check", help="Tokenise, summarise refusals, dump a few masks; no training."),
+    estimate_memory: bool = typer.Option(
+        False, "--estimate-memory", help="Print the expected peak memory from the model's config; no training."
+    ),
 ) -> None:
     """LoRA SFT of the student on harvested records (one explicit loop; runs unchanged under torchrun)."""
     from imitate.train.commands import train_command
 
-    train_command(data, out, model=model, config=config, overrides=set_ or [], check=check)
+    train_command(
+        data, out, model=model, config=config, overrides=set_ or [], check=check, estimate_memory=estimate_memory
+    )
 
 
 @app.command("merge")

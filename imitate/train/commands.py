@@ -1,6 +1,6 @@
 """The train-stage commands as plain functions; the CLI parses arguments, calls one of these, prints errors.
 
-    imitate train DATA --out DIR [--model PATH|GGUF] [--config FILE] [--set k=v ...] [--check]
+    imitate train DATA --out DIR [--model PATH|GGUF] [--config FILE] [--set k=v ...] [--check] [--estimate-memory]
     imitate merge ADAPTER --out DIR [--model BASE]
     imitate chat MODEL [--adapter DIR] [--prompt TEXT] [--system TEXT] [--max-new-tokens N] [--temperature T]
 
@@ -45,10 +45,14 @@ def train_command(
     overrides: list[str] | None = None,
     check: bool = False,
     console: Console | None = None,
+    estimate_memory: bool = False,
 ) -> dict[str, Any]:
-    """Train (or with `check`, only tokenise and show); returns the run summary / the check report."""
+    """Train (or with `check`, only tokenise and show; with `estimate_memory`, only estimate the peak memory);
+    returns the run summary / the check report / the estimate."""
     console = console or Console(stderr=True)
     cfg = load_config(config, overrides or [])
+    if estimate_memory:
+        return estimate_command(cfg, model, console)
     command = _command("train", data, out=out, model=model, config=config, set=overrides or [], check=check)
     _quiet_transformers()
     if check:
@@ -86,6 +90,32 @@ def check_data(cfg: ImitateConfig, data: Path, model: str | None, console: Conso
         console.rule(ex.id)
         console.print(dump(ex, prep.tokenizer))
     return {"tokenize": prep.summary.to_dict(), "records": len(prep.records), "stages": [s.name for s in stages]}
+
+
+def estimate_command(cfg: ImitateConfig, model: str | None, console: Console) -> dict[str, Any]:
+    """`--estimate-memory`: the expected peak from the student's config (no weights, no data read)."""
+    from imitate.train.memory import GiB, for_config
+    from imitate.train.model import resolve
+
+    t = cfg.train
+    source = resolve(model or t.model)
+    shape, est = for_config(t, source)
+    tokens = (t.pack_length or t.max_length) * t.batch_rows
+    console.print(
+        f"[bold]memory estimate[/] {source}: {shape.base_parameters() / 1e6:.1f}M parameters, {shape.layers} layers, "
+        f"LoRA r={t.lora.r}, {tokens} tokens per micro-batch, dtype {t.dtype}, quantization {t.quantization}, "
+        f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+        highlight=False,
+    )
+    for line in est.lines():
+        console.print(line, highlight=False, markup=False)
+    return {
+        "parts": est.parts,
+        "load_peak": est.load_peak,
+        "train_peak": est.train_peak,
+        "peak": est.peak,
+        "peak_gib": est.peak / GiB,
+    }
 
 
 def merge_command(adapter: Path, out: Path, model: str | None = None, console: Console | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ LM head only at supervised positions), so MFU = rule FLOP/s ÷ measured fp32 mat
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -56,9 +57,42 @@ def matmul_flops(device: torch.device | str = "cpu", size: int = 1024, seconds: 
     return best
 
 
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak window: CUDA's allocator peak, or on Linux the process's RSS high-water mark (VmHWM,
+    reset by writing 5 to /proc/self/clear_refs). Elsewhere the CPU peak stays the process's lifetime peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    """Memory in use now: CUDA allocated bytes, or the process's RSS."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    kib = _proc_status_kib("VmRSS")
+    return kib * 1024 if kib is not None else peak_memory_bytes(device)
+
+
 def peak_memory_bytes(device: torch.device) -> int:
+    """Peak since the last `reset_peak_memory`: CUDA max allocated, or RSS high-water mark (VmHWM; ru_maxrss
+    where /proc is missing)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    kib = _proc_status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 

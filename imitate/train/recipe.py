@@ -194,7 +194,10 @@ def train(
         pad_id = prep.tokenizer.pad_token_id if prep.tokenizer.pad_token_id is not None else prep.fmt.eot_id
         run = Run(t, world, device, pad_id, out)
         stages = plan_stages(t, prep, pad_id)
+        metrics.reset_peak_memory(device)  # memory.added_peak: what the student and training add from here
+        memory = {"before_model": metrics.current_memory_bytes(device)}
         student, params, dropout_rng = _build_student(t, prep.source, device, dtype, world)
+        memory["load_peak"] = metrics.peak_memory_bytes(device)
         n_base, n_lora = metrics.parameter_counts(student)
         flops_per_token = metrics.flops_per_token(n_base, n_lora)
         roofline = metrics.matmul_flops(device)
@@ -240,6 +243,7 @@ def train(
                     order = epoch_order(len(plan.batches), t.seed, pos.stage, pos.epoch)
                     group = [plan.batches[i] for i in order[pos.cursor : pos.cursor + per_step]]
                     lr, epoch = scheduler.get_last_lr()[0], pos.epoch
+                    metrics.reset_peak_memory(device)
                     tick = time.perf_counter()
                     loss, grad_norm, samples = _step(run, student, params, plan.examples, group)
                     optimizer.step()
@@ -283,13 +287,16 @@ def train(
             history.samples,
             flops_per_token=flops_per_token,
             roofline=roofline,
-            peak_memory=metrics.peak_memory_bytes(device),
+            peak_memory=max([memory["load_peak"], *(r["peak_memory_bytes"] for r in history.steps)]),
         )
+        memory["peak"] = summary["peak_memory_bytes"]
+        memory["added_peak"] = memory["peak"] - memory["before_model"]
         summary.update(
             stages=[{"name": s.name, "examples": len(s.examples), "epochs": s.epochs, "lr": s.lr} for s in stages],
             wall_seconds=time.perf_counter() - started,
             n_base=n_base,
             n_lora=n_lora,
+            memory=memory,
             records=len(prep.records),
             eval_records=len(prep.eval_ids),
             data_hash=prep.data_hash,

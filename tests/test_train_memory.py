@@ -1,0 +1,92 @@
+"""The memory budget (imitate/train/memory.py): the estimate made from the config alone is within 30 % of the peak
+the trainer measures (RSS high-water mark since the student began loading, minus the RSS then), in a fresh
+process, on a tiny-but-not-trivial model whose activations dominate; with and without gradient checkpointing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_fixtures import smol_tokenizer, synthetic_records, tiny_llama
+
+from imitate.config import load_config
+from imitate.records import write_jsonl
+from imitate.train import memory
+from imitate.train.model import resolve
+
+pytestmark = pytest.mark.integration
+
+SETS = ["train.pack_length=1024", "train.batch_rows=2", "train.grad_accum=1", "train.max_steps=2"]
+SETS += ["train.eval_fraction=0", "train.threads=1", "train.lora.r=16", "train.lora.dropout=0.05"]
+
+RUN = """
+import json, sys
+from pathlib import Path
+from imitate.config import load_config
+from imitate.train.recipe import train
+cfg = load_config(overrides=json.loads(sys.argv[1]))
+summary = train(cfg, Path(sys.argv[2]), Path(sys.argv[3]), model=sys.argv[4]).summary
+print("MEMORY " + json.dumps(summary["memory"]))
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mem")
+    model = tmp / "model"
+    tiny_llama(hidden=256, layers=4).save_pretrained(model)
+    smol_tokenizer().save_pretrained(model)
+    data = tmp / "data.jsonl"
+    write_jsonl(data, synthetic_records(120, seed=1, min_words=60, max_words=200))  # packs fill 2 × 1024 tokens
+    return tmp, model, data
+
+
+def _measure(tmp: Path, model: Path, data: Path, sets: list[str], name: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-c", RUN, json.dumps([*sets, f"train.cache_dir={tmp / 'cache'}"]), str(data)]
+    out = subprocess.run([*args, str(tmp / name), str(model)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("MEMORY "))
+    return json.loads(line[len("MEMORY ") :])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_estimate_within_30_percent_of_the_measured_peak(setup, checkpointing):
+    tmp, model, data = setup
+    sets = [*SETS, f"train.gradient_checkpointing={str(checkpointing).lower()}"]
+    measured = _measure(tmp, model, data, sets, f"run-{checkpointing}")
+    _, est = memory.for_config(load_config(overrides=sets).train, resolve(str(model)))
+    ratio = est.peak / measured["added_peak"]
+    print(f"checkpointing={checkpointing}: estimate {est.peak >> 20} MiB, measured {measured['added_peak'] >> 20} MiB")
+    assert 0.7 <= ratio <= 1.3, (est.lines(), measured)
+
+
+def test_gguf_shape_from_metadata_only():
+    from train_fixtures import require_gguf
+
+    shape = memory.shape_of(resolve(str(require_gguf())))
+    assert (shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.kv_heads) == (576, 1536, 30, 9, 3)
+    assert shape.vocab == 49152 and shape.tied and shape.gguf
+    assert round(shape.base_parameters() / 1e5) == 1345  # SmolLM2-135M: 134.5M
+
+
+def test_estimate_memory_command_prints_the_budget(setup):
+    from rich.console import Console
+
+    from imitate.train.commands import train_command
+
+    tmp, model, _ = setup
+    console = Console(record=True, width=200)
+    on = train_command(
+        tmp / "unused.jsonl", tmp / "unused", model=str(model), overrides=SETS, console=console, estimate_memory=True
+    )
+    sets = [*SETS, "train.gradient_checkpointing=true"]
+    off = train_command(tmp / "x", tmp / "x", model=str(model), overrides=sets, console=console, estimate_memory=True)
+    text = console.export_text()
+    assert "expected peak" in text and "activations" in text and "LoRA r=16" in text
+    assert off["parts"]["activations"] < on["parts"]["activations"] / 3  # checkpointing keeps one input per layer
+    assert not (tmp / "unused").exists()  # nothing trained, nothing written
