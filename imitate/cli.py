@@ -705,6 +705,7 @@ def eval_bench_cmd(
     ngram: int = typer.Option(13, "--ngram", min=1, help="n of the contamination n-gram check."),
     seed: int = typer.Option(0, "--seed", help="Seed of the paired bootstrap."),
     prompt: str = typer.Option("chat", "--prompt", help="Multiple-choice prompt: chat (template) or plain."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's)."),
 ) -> None:
     """Student and base side by side on eval sets: accuracy with 95% CI, paired difference, contamination."""
     from imitate.evaluate.bench import BenchOptions, bench_command
@@ -712,7 +713,7 @@ def eval_bench_cmd(
     options = BenchOptions(
         data=list(data), out=out, model=model, adapter=adapter, base=base, no_base=no_base, format=format,
         columns=columns, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, extract=extract,
-        train_data=list(train_data or []), ngram=ngram, seed=seed, prompt=prompt,
+        train_data=list(train_data or []), ngram=ngram, seed=seed, prompt=prompt, threads=threads,
     )  # fmt: skip
     bench_command(options, argv=_state["argv"] or ["eval", "bench"])
 

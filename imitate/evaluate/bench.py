@@ -16,6 +16,8 @@ before any model loads. Then each model in turn (one in memory at a time) answer
 Per set: accuracy with a Wilson 95 % interval for each model, the paired difference student − base (McNemar exact
 p, paired bootstrap interval, seeded), and contamination counts when training data is known (`--train-data`, or
 the DATA in the adapter's config.yaml command line) with the accuracies without the flagged items.
+`--threads N` sets torch's CPU threads (on a machine busy with other work, fewer threads than cores avoids the
+stalls of oversubscribed OpenMP threads, which can make a forward pass ten times slower).
 Outputs in OUT: report.md, report.json (merged with other eval commands' sections), accuracy.png, and
 items/<set>.jsonl (every item: each model's prediction, correctness, scores or answer; the contamination flag).
 """
@@ -61,6 +63,7 @@ class BenchOptions:
     ngram: int = 13
     seed: int = 0
     prompt: str = "chat"
+    threads: int | None = None  # torch CPU threads; None = torch's default
 
 
 @dataclass
@@ -193,6 +196,10 @@ def bench(opts: BenchOptions, *, command: str = "") -> dict[str, Any]:
 
     if opts.prompt not in PROMPTS:
         raise InputError(f"--prompt {opts.prompt!r}: one of {', '.join(PROMPTS)}")
+    if opts.threads:
+        import torch
+
+        torch.set_num_threads(opts.threads)
     rule = parse_rule(opts.extract)
     sets = [read_eval_set(p, opts.format, columns=opts.columns, limit=opts.limit) for p in opts.data]
     _unique_names(sets)
@@ -223,6 +230,8 @@ def bench(opts: BenchOptions, *, command: str = "") -> dict[str, Any]:
     if plot:
         report.add_plot("accuracy", plot)
     md, _ = report.save()
+    for line in summary_lines({es.name: report.data["benchmarks"][es.name] for es in sets}):
+        print(line)
     _say(f"report -> {md}")
     return report.data
 
@@ -287,3 +296,28 @@ def bench_command(options: BenchOptions, argv: list[str] | None = None) -> dict[
     logging.disable_progress_bar()  # the model loads' per-tensor bars would flood the progress lines
     command = redact_text(shlex.join(["imitate", *(argv or ["eval", "bench"])]))
     return bench(options, command=command)
+
+
+def summary_lines(benchmarks: dict[str, Any]) -> list[str]:
+    """The student-vs-base table printed at the end: accuracy [95 % CI] per model, the paired difference."""
+
+    def pct(r: dict[str, Any]) -> str:
+        lo, hi = r["ci95"]
+        return f"{100 * r['accuracy']:5.1f}% [{100 * lo:5.1f}, {100 * hi:5.1f}]"
+
+    lines = []
+    for name, b in benchmarks.items():
+        res = b["results"]
+        line = f"{name} ({b['metric']}, n={next(iter(res.values()))['n']}): student {pct(res['student'])}"
+        if "base" in res:
+            line += f"  base {pct(res['base'])}"
+        p = b.get("paired")
+        if p:
+            lo, hi = p["ci95"]
+            diff = f"{100 * p['diff']:+.1f} pp [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            line += f"  student − base {diff} McNemar p={p['p_value']:.3g}"
+        c = b.get("contamination")
+        if c:
+            line += f"  contaminated {c['flagged']}/{c['n']}"
+        lines.append(line)
+    return lines

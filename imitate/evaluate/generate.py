@@ -57,9 +57,11 @@ def split_spec(model: str | None, adapter: Path | None) -> tuple[str | None, Pat
     return model, (Path(adapter).expanduser() if adapter else None)
 
 
-def load_student(model: str | None, adapter: Path | None = None) -> Loaded:
+def load_student(model: str | None, adapter: Path | None = None, *, merge: bool = True) -> Loaded:
     """base + LoRA adapter (the base is `model`, else what the adapter records), a merged folder, or a GGUF —
-    loaded as training loads them (`imitate/train/model.py`), float32, eval mode."""
+    loaded as training loads them (`imitate/train/model.py`), float32, eval mode. An adapter is attached with
+    `imitate merge`'s checks (every tensor must fit), then, with `merge`, folded into the weights: the same
+    function (to float rounding, ~1e-6 in the logits) without LoRA's extra matmuls on every forward."""
     import torch
 
     from imitate.train.merge import attach, base_of
@@ -74,7 +76,11 @@ def load_student(model: str | None, adapter: Path | None = None) -> Loaded:
     tokenizer = load_tokenizer(ModelSource("folder", str(adapter)) if adapter else source)
     fmt = ChatFormat.of(tokenizer)
     net = load_model(source, torch.float32)
-    net = attach(net, adapter) if adapter else net.eval()
+    if adapter:
+        net = attach(net, adapter)
+        net = net.merge_and_unload().eval() if merge else net
+    else:
+        net = net.eval()
     return Loaded(net, tokenizer, fmt, str(source), str(adapter) if adapter else None)
 
 
