@@ -35,7 +35,10 @@ AUTO = [
     ("I think 12. Hmm, no: 13.", "13"),
     ("50% of 10 is 5", "5"),
     ("10 - 5 = 5", "5"),
-    ("The answer is 1,2 and 3", "1"),  # "1,2" is not a thousands group: the first number after the marker
+    ("The answer is 1,2 and 3", "3"),  # "1,2" is not a thousands group: three numbers, the sentence's last
+    ("So, the answer is 9 * $890 = $8010.", "8010"),  # the marker's sentence ends on the result
+    ("#### 30 - 18 = 12 students.\n#### 24 - 18", "18"),  # a spaced minus is an operator, not a sign
+    ("The answer is 3.5 cups. Then 2 more.", "3.5"),
     ("no numbers here", None),
     ("The answer is unknown, but 9 is close", "9"),  # no number right after the marker: still the next one
 ]

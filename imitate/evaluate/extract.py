@@ -6,10 +6,11 @@
     is_correct(extract(text, rule), "7")          # numbers compare by value: "7.00", "$7", "7" are equal
 
 Rules:
-- `auto` (default): the number after the last `####` or "answer is" (any case) when the text has one, else the
-  last number — GSM8K's worked answers end `#### N`, chat models say "The answer is N" or just end on it.
+- `auto` (default): after the last `####` or "answer is" (any case), the last number of that sentence ("The
+  answer is 9 * 3 = 27." reads 27), else the next number; without a marker, the last number — GSM8K's worked
+  answers end `#### N`, chat models say "The answer is N" or just end on it.
 - `last-number` / `first-number`: the last / first number in the text.
-- `marker:TEXT`: the first number after the last occurrence of TEXT (case-insensitive); none if TEXT is absent.
+- `marker:TEXT`: as `auto` with TEXT (case-insensitive) as the marker; none if TEXT is absent.
 - `regex:PATTERN`: the first group (or the whole match) of the last match of PATTERN.
 - `choice`: a capital choice letter A–J ("The answer is (B)", "Answer: C", "B) Paris", "**D**"); a lower-case
   letter is not read as one ("the answer is a dog").
@@ -31,9 +32,10 @@ from imitate.errors import InputError
 RULES = ("auto", "last-number", "first-number", "marker:TEXT", "regex:PATTERN", "choice")
 # A number: optional sign and currency, digits with optional thousands commas, optional decimals or a fraction.
 _NUMBER = re.compile(
-    r"(?<![\w.])([-−]?)[$€£]?\s?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:\s?/\s?(\d+)(?![\d.,]\d))?"
+    r"(?<![\w.])([-−]?)(?:[$€£]\s?)?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:\s?/\s?(\d+)(?![\d.,]\d))?"
 )
 _MARKERS = re.compile(r"####|answer\s+is", re.I)
+_SENTENCE_END = re.compile(r"\n|[.!?;](?=\s|$)")
 _CHOICE_PATTERNS = [
     re.compile(r"(?i:answer)\s*(?:is|:)?\s*(?:(?i:option)\s*)?[(\[*]*([A-J])\b(?![\w'])"),
     re.compile(r"^\s*[(\[*]*([A-J])[)\].:*]", re.M),
@@ -119,9 +121,12 @@ def extract(text: str, rule: Rule) -> str | None:
         pattern = re.compile(re.escape(rule.arg), re.I) if rule.kind == "marker" else _MARKERS
         hits = list(pattern.finditer(text))
         if hits:
-            after = numbers(text[hits[-1].end() :])
+            tail = text[hits[-1].end() :]
+            # The last number of the marker's own sentence: "the answer is 9 * 3 = 27." reads 27, not 9.
+            sentence = numbers(_SENTENCE_END.split(tail, maxsplit=1)[0])
+            after = sentence or numbers(tail)
             if after or rule.kind == "marker":
-                return after[0] if after else None
+                return (sentence[-1] if sentence else after[0]) if after else None
         elif rule.kind == "marker":
             return None
     found = numbers(text)

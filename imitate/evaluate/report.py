@@ -152,7 +152,8 @@ def _paired(p: dict[str, Any] | None) -> str:
     sign = "+" if p.get("diff", 0) >= 0 else ""
     text = f"{sign}{_pct(p.get('diff'))} [{_pct(lo)}, {_pct(hi)}]"
     if p.get("p_value") is not None:
-        text += f", McNemar p={p['p_value']:.3g} ({p.get('student_only', '?')}↑ {p.get('base_only', '?')}↓)"
+        text += f", McNemar p={p['p_value']:.3g}; right only for student {p.get('student_only', '?')}, "
+        text += f"only for base {p.get('base_only', '?')}"
     return text
 
 
