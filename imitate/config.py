@@ -454,6 +454,11 @@ class TrainConfig(_Cfg):
         description="auto = bf16 on GPUs with it, else fp32; bf16/bfloat16 = bf16 base weights (CPU too), "
         "LoRA weights in fp32",
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="under torchrun: ddp = every rank holds the whole student, gradients summed; fsdp = each decoder "
+        "layer sharded over the ranks (FSDP2)",
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer in backward (less activation memory, ~1 more forward)"
     )

@@ -162,6 +162,10 @@ class Run:
     def packed(self) -> bool:
         return self.t.batching == "pack"
 
+    @property
+    def sharded(self) -> bool:
+        return self.t.parallel == "fsdp" and self.world.size > 1
+
 
 def train(
     cfg: cfgmod.ImitateConfig,
@@ -226,8 +230,11 @@ def train(
                 )
                 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
                 if resumed is not None and pos.stage_step > 0:  # mid-stage: same moments, schedule, RNG
-                    trainer, rng = resumed
-                    optimizer.load_state_dict(trainer["optimizer"])
+                    trainer, rng, folder = resumed
+                    if run.sharded:
+                        _fsdp().load_optimizer(folder, student, optimizer)
+                    else:
+                        optimizer.load_state_dict(trainer["optimizer"])
                     scheduler.load_state_dict(trainer["scheduler"])
                     checkpoint.set_rng_state(rng, dropout_rng)
                 else:  # this rank's dropout streams for this stage
@@ -302,12 +309,14 @@ def train(
             data_hash=prep.data_hash,
             tokenize=prep.summary.to_dict(),
         )
+        adapter_state = _fsdp().full_adapter_state(student) if run.sharded else None  # every rank takes part
         if world.main:
             prep.tokenizer.chat_template = prep.fmt.template
             report.save_outputs(
                 out,
                 student,
                 prep.tokenizer,
+                adapter_state=adapter_state,
                 generation={"bos_token_id": prep.fmt.bos_id, "eos_token_id": prep.fmt.eot_id, "pad_token_id": pad_id},
                 cfg=cfg,
                 meta={
@@ -349,9 +358,17 @@ def _build_student(t: cfgmod.TrainConfig, source: ModelSource, device: Any, dtyp
     if t.gradient_checkpointing:  # recompute layers in backward with the same dropout masks (train/recompute.py)
         recompute.enable(model, dropout_rng)
     model.train()
+    world.broadcast_params([p for p in model.parameters() if p.requires_grad])
+    if t.parallel == "fsdp" and world.size > 1:
+        _fsdp().shard(model)  # each decoder layer split over the ranks (train/fsdp.py)
     params = [p for p in model.parameters() if p.requires_grad]
-    world.broadcast_params(params)
     return model, params, dropout_rng
+
+
+def _fsdp():
+    from imitate.train import fsdp
+
+    return fsdp
 
 
 def _step(run: Run, model: Any, params: list[Any], examples: list[Example], group: list[Any]):
@@ -361,15 +378,26 @@ def _step(run: Run, model: Any, params: list[Any], examples: list[Example], grou
     scale = 1.0 / max(1, n_targets)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     samples: list[dict[str, Any]] = []
-    for rows in run.world.share(group):
+    for rows, weight in _shares(run, group):
         batch = collate(examples, rows, run.pad_id, packed=run.packed).to(run.device)
         losses = token_losses(model, batch)
-        (losses.sum() * scale).backward()
-        loss_sum += losses.detach().double().sum()
-        samples.extend(report.per_sample(batch, losses.detach()))
-    total = run.world.sum_grads(params, loss_sum)
+        (losses.sum() * (scale * weight)).backward()
+        if weight:
+            loss_sum += losses.detach().double().sum()
+            samples.extend(report.per_sample(batch, losses.detach()))
+    # FSDP has already summed (reduce-scattered) the gradients of the sharded layers: only the loss is summed
+    total = run.world.sum_(loss_sum) if run.sharded else run.world.sum_grads(params, loss_sum)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, run.t.max_grad_norm).item()
     return total.item() * scale, grad_norm, samples
+
+
+def _shares(run: Run, items: list[Any]) -> list[tuple[Any, int]]:
+    """This rank's micro-batches with weight 1. Sharded, every rank runs as many passes as the busiest (each pass
+    all-gathers layers): a rank short of one repeats the first micro-batch with weight 0."""
+    mine = [(rows, 1) for rows in run.world.share(items)]
+    if run.sharded and items:
+        mine += [(items[0], 0)] * (-(-len(items) // run.world.size) - len(mine))
+    return mine
 
 
 @torch.no_grad()
@@ -384,9 +412,9 @@ def _evaluate(run: Run, model: Any, examples: list[Example]) -> float:
         pad_id=run.pad_id,
     )
     totals = torch.zeros(2, dtype=torch.float64, device=run.device)
-    for rows in run.world.share(plan):
+    for rows, weight in _shares(run, plan):
         losses = token_losses(model, collate(examples, rows, run.pad_id, packed=run.packed).to(run.device))
-        totals += torch.stack([losses.double().sum(), torch.tensor(losses.numel(), dtype=torch.float64)])
+        totals += weight * torch.stack([losses.double().sum(), torch.tensor(losses.numel(), dtype=torch.float64)])
     model.train()
     run.world.sum_(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
@@ -399,30 +427,35 @@ def _resume(run: Run, model: Any, prep: Prepared, say: Any):
     folder = checkpoint.find(run.out, run.t.resume or "latest")
     saved, trainer, rng = checkpoint.load(folder, run.world.rank)
     checkpoint.check_compatible(trainer, prep.data_hash, checkpoint.resume_key(run.t))
-    checkpoint.load_params(model, saved)
+    if run.sharded:
+        _fsdp().load_model(folder, model)
+    else:
+        checkpoint.load_params(model, saved)
     history = History(**trainer["history"])
     if not run.world.main:
         history.samples = []
     say(f"resumed from {folder} at step {trainer['position']['step']}")
-    return Position(**trainer["position"]), history, (trainer, rng)
+    return Position(**trainer["position"]), history, (trainer, rng, folder)
 
 
 def _checkpoint(run: Run, model, optimizer, scheduler, pos: Position, history: History, prep, dropout_rng) -> None:
     trainer = None
+    folder = run.out / "checkpoints" / f"step-{pos.step:06d}"
+    if run.sharded:  # LoRA weights and optimizer state, each rank its shards (train/fsdp.py)
+        _fsdp().save(folder, model, optimizer)
     if run.world.main:
         trainer = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": None if run.sharded else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "position": asdict(pos),
             "history": asdict(history),
             "data_hash": prep.data_hash,
             "resume_key": checkpoint.resume_key(run.t),
         }
-    folder = run.out / "checkpoints" / f"step-{pos.step:06d}"
     checkpoint.save(
         folder,
         rank=run.world.rank,
-        params=checkpoint.trainable(model),
+        params={} if run.sharded else checkpoint.trainable(model),
         trainer=trainer,
         barrier=run.world.barrier,
         dropout_rng=dropout_rng,

@@ -147,11 +147,12 @@ def save_outputs(
     history: Any,
     summary: dict[str, Any],
     command: str | None,
+    adapter_state: dict[str, Any] | None = None,
 ) -> Path:
     from transformers import GenerationConfig
 
     adapter = out / "adapter"
-    model.save_pretrained(adapter)
+    model.save_pretrained(adapter, state_dict=adapter_state)  # adapter_state: gathered when sharded (fsdp)
     tokenizer.save_pretrained(adapter)
     GenerationConfig(**generation).save_pretrained(adapter)
     cfgmod.stamp(cfg, adapter, command)
