@@ -92,3 +92,25 @@ def test_bench_student_alone_and_plain_prompt(run, tmp_path, capsys):
     mc = report["benchmarks"]["mc"]
     assert set(mc["results"]) == {"student"} and mc["paired"] is None and mc["prompt"] == "plain"
     assert mc["results"]["student"]["n"] == 2 and mc["contamination"] is None
+
+
+def test_which_base_a_student_is_compared_with(tmp_path):
+    from imitate.evaluate.generate import base_source, split_spec
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    assert base_source(str(merged)) is None  # a plain folder records no base: evaluated alone
+    (merged / "imitate.json").write_text(json.dumps({"base_model": "/models/base.gguf"}))
+    assert base_source(str(merged)) == "/models/base.gguf"  # what `imitate merge` copies in
+    assert base_source(str(merged), base="other") == "other"  # --base wins
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (adapter / "imitate.json").write_text(json.dumps({"base_model": str(base)}))
+    assert split_spec(str(adapter), None) == (None, adapter)  # --model naming an adapter folder
+    assert base_source(str(adapter)) == str(base)
+    assert base_source(str(merged), adapter) == str(merged)  # --model is the adapter's base when both are given
