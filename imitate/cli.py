@@ -8,7 +8,7 @@
     imitate generate best-of-n PROMPTS --out DIR --n N [--source teacher|student] [--scorer judge|reward]
     imitate convert IN --to FORMAT --out PATH  |   imitate train DATA --out DIR [...]
     imitate merge ... | imitate chat ...
-    imitate serve [MODEL] [--adapter DIR] [--port 8000] [--max-batch 16] [--queue 64] [--api-key-env VAR]
+    imitate serve [MODEL] [--adapter DIR] [--port 8000] [--max-batch 16] [--queue 16] [--api-key-env VAR]
     imitate eval bench --model M [--adapter DIR] --data FILE ... --out DIR
     imitate eval judge --model M [--adapter DIR] --questions FILE --judge-base-url URL --judge-model NAME --out DIR
     imitate eval lm-eval --model M [--adapter DIR] --tasks mmlu,gsm8k --out DIR [--include-path DIR]
@@ -451,28 +451,18 @@ def serve_cmd(
     port: int = typer.Option(8000, help="Port (0: a free one, printed at start)."),
     api_key_env: str | None = typer.Option(None, help="Require this env var's value as the bearer token."),
     max_batch: int = typer.Option(16, help="Sequences decoded together (continuous batching)."),
-    queue: int = typer.Option(64, help="Sequences that may wait beyond the batch; more get 429 + Retry-After."),
+    queue: int = typer.Option(16, help="Sequences that may wait beyond the batch; more get 429 + Retry-After."),
     max_model_len: int | None = typer.Option(None, help="Context limit (default: the model's positions)."),
     model_name: str | None = typer.Option(None, help="Model id clients send (default: the file or folder name)."),
-    threads: int | None = typer.Option(None, help="torch threads (default: all cores)."),
+    threads: int | None = typer.Option(None, help="torch threads (default: all cores but one)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 (faster where the CPU has bf16), or auto."),
 ) -> None:
     """Serve a model as an OpenAI-compatible teacher: chat completions with continuous batching."""
     from imitate.serve import serve_command
 
-    _run_async(
-        serve_command(
-            model,
-            adapter=adapter,
-            host=host,
-            port=port,
-            api_key_env=api_key_env,
-            max_batch=max_batch,
-            queue=queue,
-            max_model_len=max_model_len,
-            model_name=model_name,
-            threads=threads,
-        )  # fmt: skip
-    )
+    options = {"adapter": adapter, "host": host, "port": port, "api_key_env": api_key_env, "dtype": dtype}
+    limits = {"max_batch": max_batch, "queue": queue, "max_model_len": max_model_len, "threads": threads}
+    _run_async(serve_command(model, model_name=model_name, **options, **limits))
 
 
 import_app = typer.Typer(help="Import and clean datasets made by other tools.", no_args_is_help=True)

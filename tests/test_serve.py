@@ -46,6 +46,15 @@ def tiny_model(dest: Path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine two threads wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return tiny_model(tmp_path_factory.mktemp("serve") / "tiny-chat")
@@ -411,3 +420,75 @@ def test_harvest_backs_off_on_429_and_completes(small, tmp_path: Path, monkeypat
     records = [r for shard in sorted(out.glob("shard-*.jsonl")) for r in read_jsonl(shard)]
     assert len(records) == 8 and all(r.status == "ok" for r in records)
     assert stats(small)["rejected"] > before["rejected"]  # it was pushed back, and came back
+
+
+def test_dtype_auto_is_bf16_only_where_the_cpu_has_it():
+    from imitate.errors import ConfigError
+    from imitate.serve.run import pick_dtype
+
+    assert pick_dtype("auto", "fpu avx2 avx512f avx512_bf16 fma") == "bfloat16"
+    assert pick_dtype("auto", "fpu avx2 amx_bf16") == "bfloat16"
+    assert pick_dtype("auto", "fpu avx2 avx512f") == "float32"
+    assert pick_dtype("float32", "avx512_bf16") == "float32"
+    with pytest.raises(ConfigError, match="--dtype half"):
+        pick_dtype("half")
+
+
+@pytest.mark.slow
+def test_smollm2_continuous_batching_equals_one_at_a_time_greedy():
+    """The real student (SmolLM2-135M GGUF, fp32): six requests at once, different prompts and lengths, each
+    answer equal to transformers' one-at-a-time greedy generate of the same rendered prompt."""
+    from train_fixtures import require_gguf
+
+    parts = load_model_parts(str(require_gguf()), dtype="float32")
+    questions = [
+        "What is the capital of France?", "Explain photosynthesis in two sentences.", "Write a haiku about rain.",
+        "List three prime numbers.", "Why is the sky blue?", "Give me a tip for learning Python.",
+    ]  # fmt: skip
+    lengths = [12, 40, 24, 16, 48, 32]
+    results: dict[int, str] = {}
+    with ServerThread(parts, max_batch=6, queue=0) as s:
+        c = client(s)
+
+        def run(i: int) -> None:
+            r = c.chat.completions.create(
+                model=parts.name, messages=ask(questions[i]), max_tokens=lengths[i], temperature=0
+            )
+            results[i] = r.choices[0].message.content
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert stats(s)["completed"] == 6
+    for i, q in enumerate(questions):
+        assert results[i] == reference(parts, ask(q), lengths[i]), q
+
+
+def test_the_command_binds_loopback_announces_and_stops_on_ctrl_c(model_dir, tmp_path: Path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SERVE_KEY": KEY}
+    cmd = [sys.executable, "-m", "imitate.cli", "serve", str(model_dir), "--port", "0", "--api-key-env", "SERVE_KEY"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("imitate serve: `tiny-chat` listening on http://127.0.0.1:"), line + proc.stderr.read()
+        base_url = line.split(" listening on ", 1)[1].split()[0]
+        c = openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0)
+        r = c.chat.completions.create(model="tiny-chat", messages=ask("hi"), max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+def test_a_missing_key_variable_is_one_line_before_loading(model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("SERVE_NOPE", raising=False)
+    assert main(["serve", str(model_dir), "--api-key-env", "SERVE_NOPE"]) == 2
+    assert "ConfigError: environment variable SERVE_NOPE (--api-key-env) is not set" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """`imitate serve`: a local OpenAI-compatible teacher with continuous batching.
 
     imitate serve [MODEL] [--adapter DIR] [--host 127.0.0.1] [--port 8000] [--api-key-env VAR]
-                  [--max-batch 16] [--queue 64] [--max-model-len N] [--model-name NAME] [--threads N]
+                  [--max-batch 16] [--queue 16] [--max-model-len N] [--model-name NAME] [--threads N]
+                  [--dtype auto|float32|bfloat16]
 
 MODEL is what `imitate chat` takes (a model folder, a GGUF, a Hub name, a merged model, an adapter folder;
 default: the local SmolLM2 student). Modules, from the wire inwards:
@@ -20,6 +21,7 @@ transformers); this package's `__init__` imports neither, so `imitate --help` st
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -38,9 +40,21 @@ def require_extras() -> None:
         )
 
 
-def serve_command(model: str | None, **options: Any) -> Callable[[], Coroutine[Any, Any, None]]:
+def serve_command(
+    model: str | None, api_key_env: str | None = None, **options: Any
+) -> Callable[[], Coroutine[Any, Any, None]]:
     """Load everything (errors surface here, before any socket is bound); returns the coroutine to run."""
+    api_key = api_key_from_env(api_key_env)
     require_extras()
     from imitate.serve.run import prepare
 
-    return prepare(model, **options)
+    return prepare(model, api_key=api_key, api_key_env=api_key_env, **options)
+
+
+def api_key_from_env(var: str | None) -> str | None:
+    if var is None:
+        return None
+    key = os.environ.get(var, "")
+    if not key:
+        raise ConfigError(f"environment variable {var} (--api-key-env) is not set or empty")
+    return key

@@ -2,7 +2,8 @@
 model, or base + LoRA adapter, merged in memory for speed), the engine, the app, and uvicorn.
 
     imitate serve [MODEL] [--adapter DIR] [--host 127.0.0.1] [--port 8000] [--api-key-env VAR]
-                  [--max-batch 16] [--queue 64] [--max-model-len N] [--model-name NAME] [--threads N]
+                  [--max-batch 16] [--queue 16] [--max-model-len N] [--model-name NAME] [--threads N]
+                  [--dtype auto|float32|bfloat16]
 
 `ServerThread` runs the same server in a background thread on a free port (tests, benchmarks):
 
@@ -40,15 +41,40 @@ class ModelParts:
     name: str
 
 
-def load_model_parts(model: str | None, adapter: Path | None = None, name: str | None = None) -> ModelParts:
-    """The model in eval mode (an adapter merged into it), its tokenizer and chat format, and its served name."""
+def load_model_parts(
+    model: str | None, adapter: Path | None = None, name: str | None = None, dtype: str = "float32"
+) -> ModelParts:
+    """The model in eval mode (an adapter merged into it) in `dtype` (auto: `pick_dtype`), its tokenizer and chat
+    format, and its served name."""
     student = Student(model, adapter)
     net = student.model
     if hasattr(net, "merge_and_unload"):  # base + LoRA: one set of weights, no adapter matmuls per step
         net = net.merge_and_unload()
-    net.eval()
+    net = net.to(DTYPES[pick_dtype(dtype)]).eval()
     check_attention(net.config)
     return ModelParts(net, student.tokenizer, student.fmt, name or served_name(model, adapter))
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_dtype(choice: str, cpu_flags: str | None = None) -> str:
+    """`auto` is bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX: oneDNN's bf16 matmuls
+    are then about twice as fast as fp32 here), else float32 (the dtype training uses on CPU)."""
+    if choice != "auto":
+        if choice not in DTYPES:
+            raise ConfigError(f"--dtype {choice}: use auto, float32 or bfloat16")
+        return choice
+    flags = cpu_flags if cpu_flags is not None else _cpu_flags()
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags.split()) else "float32"
+
+
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "")
 
 
 def served_name(model: str | None, adapter: Path | None = None) -> str:
@@ -87,14 +113,14 @@ def build_service(
     parts: ModelParts,
     *,
     max_batch: int = 16,
-    queue: int = 64,
+    queue: int = 16,
     max_model_len: int | None = None,
     api_key: str | None = None,
     threads: int | None = None,
 ) -> Service:
     if max_batch < 1 or queue < 0:
         raise ConfigError(f"--max-batch must be >= 1 and --queue >= 0 (got {max_batch}, {queue})")
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or default_threads())
     limit = context_limit(parts.model.config, max_model_len)
     stop_ids = {parts.fmt.eot_id} | ({parts.tokenizer.eos_token_id} - {None})
     engine = Engine(parts.model, parts.tokenizer, stop_ids, max_batch=max_batch, max_model_len=limit)
@@ -102,13 +128,11 @@ def build_service(
     return Service(scheduler, parts.tokenizer, parts.fmt, parts.name, limit, api_key)
 
 
-def api_key_from_env(var: str | None) -> str | None:
-    if var is None:
-        return None
-    key = os.environ.get(var, "")
-    if not key:
-        raise ConfigError(f"environment variable {var} (--api-key-env) is not set or empty")
-    return key
+def default_threads() -> int:
+    """All cores but one: the event loop, the HTTP side and (often) the harvest client need a core, and torch's
+    threads wait on each other when one of them is descheduled (on 2 busy cores, 2 threads made a decoding step
+    3x slower than 1 did: bench/RESULTS.md, "Serve throughput")."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def uvicorn_server(service: Service, host: str, port: int) -> uvicorn.Server:
@@ -176,17 +200,18 @@ def prepare(
     adapter: Path | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
+    api_key: str | None = None,
     api_key_env: str | None = None,
     max_batch: int = 16,
-    queue: int = 64,
+    queue: int = 16,
     max_model_len: int | None = None,
     model_name: str | None = None,
     threads: int | None = None,
+    dtype: str = "float32",
     say: Callable[[str], Any] = print,
 ) -> Callable[[], Any]:
     """`imitate serve`: load the model and build the server; returns the coroutine factory the CLI runs."""
-    api_key = api_key_from_env(api_key_env)
-    parts = load_model_parts(model, adapter, model_name)
+    parts = load_model_parts(model, adapter, model_name, dtype)
     service = build_service(
         parts, max_batch=max_batch, queue=queue, max_model_len=max_model_len, api_key=api_key, threads=threads
     )
@@ -195,8 +220,9 @@ def prepare(
 
     def announce(bound: int) -> None:
         say(
-            f"imitate serve: `{parts.name}` on http://{host}:{bound}/v1 (max batch {max_batch}, queue {queue}, "
-            f"context {service.max_model_len} tokens, {torch.get_num_threads()} threads, auth {auth}); Ctrl-C stops"
+            f"imitate serve: `{parts.name}` listening on http://{host}:{bound}/v1 (max batch {max_batch}, "
+            f"queue {queue}, context {service.max_model_len} tokens, {parts.model.dtype}, "
+            f"{torch.get_num_threads()} threads, auth {auth}); Ctrl-C stops"
         )
 
     return lambda: serve(server, announce)
