@@ -1,63 +1,96 @@
 #!/usr/bin/env bash
-# make demo — the offline end-to-end demo: fake teacher → harvest (Orca presets, live view) → status → records
-# → curate → export with a provenance card → LoRA-train the student on the curated rows.
+# make demo — the whole mission offline, with real model text, on a laptop CPU:
+#   imitate serve (SmolLM2-135M-Instruct as the local teacher) → harvest with Orca system messages → curate
+#   → LoRA-train the SmolLM2-135M student → evaluate student vs base (benchmarks + the local teacher as judge)
+#   → export the dataset with its provenance card → a summary with paths and numbers.
+# Every stage is a plain `imitate ...` command (the README shows them). A second `make demo` resumes: the harvest
+# journal skips answered rows, and finished stages (training, evaluation) are reused.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
-PORT=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+MODEL="${IMITATE_MODEL_DIR:-$HOME/.cache/imitate/models}/SmolLM2-135M-Instruct.Q4_1.gguf"
 OUT=data/runs/demo
-rm -rf "$OUT"
+CONFIG=data/samples/demo.config.yaml
+START=$(date +%s)
+mkdir -p "$OUT"
+stage() { printf '\n== [%4ss] %s\n' "$(($(date +%s) - START))" "$*"; }
 
-echo "== 1. a loopback OpenAI-compatible teacher on port $PORT (600 RPM, 5% 429s and 10% 500s injected)"
-imitate fake-teacher --port "$PORT" --rpm 600 --tpm 200000 --latency 0.15 --faults 500=0.1,429=0.05 --seed 3 &
-FAKE=$!
-trap 'kill $FAKE 2>/dev/null || true' EXIT
-python - "$PORT" <<'PY'
-import socket, sys, time
-for _ in range(100):
+stage "1. imitate serve: SmolLM2-135M-Instruct as an OpenAI-compatible teacher on 127.0.0.1 (continuous batching)"
+PORT=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+imitate serve "$MODEL" --port "$PORT" --model-name smollm2 > "$OUT/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+python - "$PORT" "$SERVER" <<'PY'
+import os, sys, time, urllib.request
+port, pid = sys.argv[1], int(sys.argv[2])
+for _ in range(600):
     try:
-        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=0.2).close(); break
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).read()
+        print(f"teacher up: http://127.0.0.1:{port}/v1 (model smollm2)"); break
     except OSError:
-        time.sleep(0.1)
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            sys.exit("imitate serve exited: see data/runs/demo/serve.log")
+        time.sleep(0.5)
+else:
+    sys.exit("imitate serve did not answer within 5 minutes: see data/runs/demo/serve.log")
 PY
+TEACHER="http://127.0.0.1:$PORT/v1"
 
-echo "== 2. harvest the sample queries with Orca system messages chosen per collection"
-imitate harvest data/samples/queries.jsonl --out "$OUT" --config data/samples/demo.config.yaml \
-  --base-url "http://127.0.0.1:$PORT/v1"
+stage "2. harvest the 24 sample queries with Orca system messages (journaled: a rerun asks nothing twice)"
+imitate harvest data/samples/queries.jsonl --out "$OUT/harvest" --config "$CONFIG" --base-url "$TEACHER"
 
-echo "== 3. rerun the same command: everything is journaled, nothing is paid twice"
-imitate harvest data/samples/queries.jsonl --out "$OUT" --config data/samples/demo.config.yaml \
-  --base-url "http://127.0.0.1:$PORT/v1" --quiet
+stage "3. curate: failed, truncated, refusals, empty, exact and near duplicates out (reasons in dropped.jsonl)"
+imitate curate "$OUT/harvest" --out "$OUT/curated"
 
-echo "== 4. status"
-imitate status "$OUT"
+stage "4. LoRA-train the SmolLM2-135M student on the curated rows (CPU)"
+if [ -f "$OUT/student/summary.json" ]; then
+  echo "trained already: $OUT/student/adapter (remove $OUT/student to train again)"
+else
+  RESUME=()
+  [ -d "$OUT/student/checkpoints" ] && RESUME=(--set train.resume=latest)
+  imitate train "$OUT/curated" --out "$OUT/student" --config "$CONFIG" "${RESUME[@]}" 2>&1 \
+    | grep -v "de-quantizing GGUF"
+fi
 
-echo "== 5. three harvested records"
-python - "$OUT" <<'PY'
-import sys, pathlib
-from imitate.records import read_jsonl
-out = pathlib.Path(sys.argv[1])
-rows = [r for shard in sorted(out.glob("shard-*.jsonl")) for r in read_jsonl(shard)]
-for r in rows[:3]:
-    p = r.provenance
-    print(f"--- {r.id}  [{r.query.collection}] system={p.system_prompt_id} attempts={p.attempts} "
-          f"tokens={p.usage.total_tokens} cost=${p.cost_usd:.6f}")
-    print("Q:", r.query.question)
-    print("A:", (r.response or "")[:300])
+stage "5. evaluate student vs base: 100 multiple-choice questions (log-likelihood), 50 arithmetic problems (exact match)"
+if [ -f "$OUT/eval/.bench-done" ]; then
+  echo "evaluated already: $OUT/eval/report.md"
+else
+  imitate eval bench --model "$MODEL" --adapter "$OUT/student/adapter" \
+    --data data/eval/general_mc.jsonl --data data/eval/arithmetic.jsonl \
+    --train-data "$OUT/curated" --max-new-tokens 160 --out "$OUT/eval"
+  touch "$OUT/eval/.bench-done"
+fi
+
+stage "6. judge student vs base with the local teacher (pairwise, both orders; answers cached, verdicts journaled)"
+imitate eval judge --model "$MODEL" --adapter "$OUT/student/adapter" --questions data/eval/judge_questions.jsonl \
+  --limit 6 --max-new-tokens 96 --mode pairwise --judge-base-url "$TEACHER" --judge-model smollm2 \
+  --out "$OUT/eval" --quiet
+
+stage "7. export the curated dataset (Parquet + provenance card), loadable with datasets.load_dataset"
+imitate export "$OUT/curated" --out "$OUT/dataset" --licence apache-2.0 --name "imitate demo (SmolLM2 teacher)"
+
+stage "8. summary"
+python - "$OUT" "$START" <<'PY'
+import json, sys, time
+from pathlib import Path
+out, start = Path(sys.argv[1]), int(sys.argv[2])
+h = json.loads((out / "harvest" / "manifest.json").read_text())
+c = json.loads((out / "curated" / "manifest.json").read_text())
+t = json.loads((out / "student" / "summary.json").read_text())
+r = json.loads((out / "eval" / "report.json").read_text())
+print(f"harvest  {h['totals']['ok']} answered by the local teacher -> {out / 'harvest'}")
+print(f"curate   kept {c['output']['kept']}, dropped {c['output']['dropped_rows']} -> {out / 'curated'}")
+print(f"train    {t['steps']} steps, final loss {t['final_loss']:.3f} -> {out / 'student' / 'adapter'}")
+for name, b in r.get("benchmarks", {}).items():
+    accs = ", ".join(f"{label} {100 * v['accuracy']:.1f}%" for label, v in b["results"].items() if v.get("accuracy") is not None)
+    diff = (b.get("paired") or {}).get("diff")
+    print(f"eval     {name}: {accs}" + (f" (student - base {100 * diff:+.1f} points)" if diff is not None else ""))
+for name, t3 in r.get("sections", {}).get("judge", {}).get("data", {}).get("summary", {}).get("pairwise", {}).items():
+    print(f"judge    {name}: win {t3['win']}, tie {t3['tie']}, loss {t3['loss']}")
+print(f"report   {out / 'eval' / 'report.md'} (plots beside it)")
+print(f"dataset  {out / 'dataset'} (README.md is the card)")
+print(f"done in {int(time.time()) - start} s")
 PY
-
-echo "== 6. curate: failed, truncated, refusals, too short, exact and near duplicates out; reasons in dropped.jsonl"
-imitate curate "$OUT" --out data/runs/demo-curated --min-words 5
-
-echo "== 7. export the curated rows as Parquet with a dataset card that records their provenance"
-imitate export data/runs/demo-curated --out data/runs/demo-dataset --licence apache-2.0
-python - <<'PY'
-from datasets import load_dataset
-ds = load_dataset("data/runs/demo-dataset")
-print(f"load_dataset('data/runs/demo-dataset'): {ds}")
-PY
-
-echo "== 8. LoRA-train the SmolLM2-135M student on the curated rows for a few steps (CPU)"
-rm -rf data/runs/demo-student
-imitate train data/runs/demo-curated --out data/runs/demo-student --set train.max_steps=2 --set train.grad_accum=1 \
-  --set train.eval_fraction=0 2>&1 | grep -v "de-quantizing GGUF"
