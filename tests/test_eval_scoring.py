@@ -23,6 +23,15 @@ QUESTIONS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine oversubscribed threads stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _requests(tok, fmt) -> list[scoring.Request]:
     return [scoring.encode_chat(tok, fmt, [Message(role="user", content=q)], c) for q, c, _ in QUESTIONS]
 
