@@ -17,11 +17,12 @@ maps the file and reads no tensor; a Hub name's config.json). The peak is the la
 
 Activations per token and decoder layer, LLaMA-class, as this recipe computes them (fused LoRA, train/fused.py):
 the two RMSNorm inputs (2d), each LoRA projection's dropped-out input (4·d for q, k, v, o and gate, up; f for down;
-plus a one-byte mask each when dropout is on) and rank-r product, attention's q, k, v, output (2d + 2·kv), and the
-MLP's gate, up, SiLU output and product (4f). With gradient checkpointing only each layer's input (d) is kept, and
-one layer's activations exist at a time (its recomputation). The loss keeps the gathered hidden states and their
-gradient and one [chunk × vocab] fp32 logits buffer (train/loss.py). This is a model of the implementation, not a
-measurement: tests/test_train_memory.py checks it within 30 % of the measured peak on the CPU.
+plus a one-byte mask each when dropout is on) and rank-r product, attention's q, k and v (repeated to the query
+heads) and output (4·q, q = heads × head_dim), and the MLP's gate, up, SiLU output and product (4f). With gradient
+checkpointing only each layer's input (d) is kept, and one layer's activations exist at a time (its
+recomputation). The loss keeps the gathered hidden states and their gradient and one [chunk × vocab] fp32 logits
+buffer (train/loss.py). This is a model of the implementation, not a measurement: tests/test_train_memory.py
+checks it within 30 % of the measured peak on the CPU. FSDP's sharding (train/fsdp.py) is not divided out.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def estimate(
     checkpointing: bool = False,
 ) -> Estimate:
     """Bytes a run adds: `tokens` = tokens per micro-batch (pack_length × batch_rows), dtype the base weights'."""
-    d, f, kv, r = shape.hidden, shape.intermediate, shape.kv, rank
+    d, f, r = shape.hidden, shape.intermediate, rank
     wb = DTYPE_BYTES[dtype]
     adapted = {
         n: s for n, s in shape.projection_shapes().items() if targets == "all-linear" or n in targets
@@ -186,7 +187,9 @@ def estimate(
     lora_in = 6 * d + f  # the inputs of q, k, v, o, gate, up (d each) and down (f)
     # with dropout each projection keeps its own dropped-out fp32 copy and a bool mask; without, the shared inputs
     inputs = 5 * lora_in if dropout else ab * (2 * d + f)
-    per_token_layer = ab * (2 * d + 2 * d + 2 * kv + 4 * f) + inputs + 4 * r * len(adapted)
+    # attention keeps q and the key/value heads repeated to the query heads (train/attention.py), and its output
+    q = shape.heads * shape.head_dim
+    per_token_layer = ab * (2 * d + 4 * q + 4 * f) + inputs + 4 * r * len(adapted)
     if checkpointing:
         activations = tokens * (shape.layers * d * ab + per_token_layer)
     else:
