@@ -7,9 +7,11 @@ What the test changes, and nothing else (`rewrite` and `QUICK` below):
   a dummy; a `--config` file naming that URL is copied with the URL replaced;
 - the served model (the SmolLM2 GGUF path) is a tiny random LLaMA folder, and `127.0.0.1:8000` / `--port 8000`
   a free port;
-- commands that train or run a model are made quick: `train` gets `--model TINY` (and `--set train.max_steps=2`
-  unless it is `--check`), `eval bench|judge|lm-eval` get `--limit`, a short `--max-new-tokens`, and the harvest
-  against the local server a short `max_tokens`;
+- commands that train or run a model use the tiny model and are made quick: `train` without `--model` gets
+  `--model TINY` (and `--set train.max_steps=2` unless it is `--check`; `--estimate-memory` runs as written, it
+  reads only the real model's config), `eval ...` without `--model` gets `--model TINY`, and `eval bench|judge|
+  lm-eval` get `--limit`, a short `--max-new-tokens` and `--threads 1` where the line has none; the harvest
+  against the local server gets a short `max_tokens`;
 - `--hub` pushes to a loopback fake Hub (tests/hub_fixtures.py) with `HF_TOKEN` set.
 The CLI tour (reference sections) and the workflow (the "## Workflow" section) are separate tests.
 """
@@ -58,7 +60,7 @@ def free_port() -> str:
 class Runner:
     """Runs README lines one after another in fresh processes; `&` lines stay up until `close()`."""
 
-    def __init__(self, tmp: Path, subs: dict[str, str], env: dict[str, str], tiny: Path | None = None):
+    def __init__(self, tmp: Path, subs: dict[str, str], env: dict[str, str], tiny: Path):
         self.tmp, self.subs, self.env, self.tiny = tmp, subs, env, tiny
         self.background: list[subprocess.Popen] = []
         self.hub_env: dict[str, str] | None = None
@@ -73,12 +75,15 @@ class Runner:
                 copy.parent.mkdir(exist_ok=True)
                 copy.write_text(text.replace(OPENAI, self.subs[OPENAI]))
                 args[i + 1] = str(copy)
-        if self.tiny is not None:
-            if args[0] == "train":
-                args += ["--model", str(self.tiny)] + ([] if "--check" in args else ["--set", "train.max_steps=2"])
-            if args[0] == "harvest" and "--model" in args and args[args.index("--model") + 1] == "smollm2":
-                args += ["--set", "harvest.params.max_tokens=32"]
-            args += next((v for k, v in QUICK.items() if " ".join(args[:2]) == k), [])
+        if args[0] == "train" and "--model" not in args and "--estimate-memory" not in args:
+            args += ["--model", str(self.tiny)] + ([] if "--check" in args else ["--set", "train.max_steps=2"])
+        if args[0] == "harvest" and "--model" in args and args[args.index("--model") + 1] == "smollm2":
+            args += ["--set", "harvest.params.max_tokens=32"]
+        if args[0] == "eval" and "--model" not in args:
+            args += ["--model", str(self.tiny)]
+        quick = next((v for k, v in QUICK.items() if " ".join(args[:2]) == k), [])
+        for opt, value in zip(quick[::2], quick[1::2], strict=True):
+            args += [] if opt in args else [opt, value]
         return [sys.executable, "-m", "imitate.cli", *args]
 
     def run(self, cmd: str) -> subprocess.CompletedProcess | None:
@@ -104,10 +109,18 @@ def base_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OPENAI_API_KEY": "sk-readme-test-key"}
 
 
-def test_readme_cli_tour_runs(tmp_path: Path):
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaMA with the SmolLM2 tokenizer, saved as a model folder: the student and served model."""
+    from train_fixtures import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("readme") / "tiny-model")
+
+
+def test_readme_cli_tour_runs(tmp_path: Path, tiny: Path):
     cmds = readme_parts()[1]
     assert len(cmds) >= 15
-    runner = Runner(tmp_path, {"8089": free_port(), "data/runs/": f"{tmp_path}/runs/"}, base_env())
+    runner = Runner(tmp_path, {"8089": free_port(), "data/runs/": f"{tmp_path}/runs/"}, base_env(), tiny)
     try:
         for cmd in cmds:
             runner.run(cmd)
@@ -116,15 +129,13 @@ def test_readme_cli_tour_runs(tmp_path: Path):
     assert (tmp_path / "runs" / "tour" / "manifest.json").exists()
 
 
-def test_readme_workflow_runs(tmp_path: Path):
+def test_readme_workflow_runs(tmp_path: Path, tiny: Path):
     """OpenAI (two teachers, dry run, run, status), a served model, then curate, train, eval, export to the Hub."""
     from hub_fixtures import FakeHub
-    from train_fixtures import tiny_model_dir
 
     cmds = readme_parts()[0]
     assert any(OPENAI in c for c in cmds) and any(c.startswith("imitate serve") for c in cmds)
     assert any("--hub" in c for c in cmds) and any("--dry-run" in c for c in cmds)
-    tiny = tiny_model_dir(tmp_path / "tiny-model")
     env = base_env()
     teacher = subprocess.Popen(
         [sys.executable, "-m", "imitate.cli", "fake-teacher", "--port", "0"], env=env, stdout=subprocess.PIPE, text=True
