@@ -183,3 +183,23 @@ def test_readme_workflow_runs(tmp_path: Path, tiny: Path):
     report = (runs / "student-eval" / "report.md").read_text()
     assert "judge" in report and "lm-eval" in report and "general_mc" in report
     assert [repo["private"] for repo in pushed.values()] == [True]
+
+
+def test_readme_illustrations_parse():
+    """Lines shown without `$` (they need a real key, a Hub dataset or a long run) still name real commands and
+    options: each is parsed by the CLI (unknown command or option -> exit 2) with `--help` appended, nothing run."""
+    from typer.testing import CliRunner
+
+    from imitate.cli import app
+
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    code = "\n".join(re.findall(r"^```console\n(.*?)^```", text, re.M | re.S))  # fenced examples
+    code += "\n" + "\n".join(re.findall(r"^    (imitate .*)$", text, re.M))  # indented examples
+    lines = [m.group(1) for m in re.finditer(r"^(imitate [a-z].*)$", code, re.M)]
+    assert len(lines) >= 5
+    for line in lines:
+        args = shlex.split(line, comments=True)[1:]
+        r = CliRunner().invoke(app, [*args, "--help"])
+        assert r.exit_code == 0, f"{line}\n{r.output}"
+    r = CliRunner().invoke(app, ["train", "x", "--out", "y", "--no-such-option", "--help"])
+    assert r.exit_code == 2  # the check would catch a stale option
