@@ -690,7 +690,7 @@ def eval_bench_cmd(
     limit: int | None = typer.Option(None, "--limit", min=1, help="First N items of each set."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Questions per forward pass / generation batch."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Generation length for GSM8K-style sets."),
-    extract: str | None = typer.Option(None, "--extract", help="Answer rule: last-number, marker:TEXT or regex:RE."),
+    extract: str | None = typer.Option(None, "--extract", help="auto, last-number, marker:TEXT, regex:RE, choice."),
     train_data: list[str] | None = typer.Option(None, "--train-data", help="Training records for the overlap check."),
     ngram: int = typer.Option(13, "--ngram", min=1, help="n of the contamination n-gram check."),
     seed: int = typer.Option(0, "--seed", help="Seed of the paired bootstrap."),
