@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -91,7 +92,30 @@ async def stats(session: aiohttp.ClientSession, url: str) -> dict:
         return await r.json()
 
 
-async def run(args: argparse.Namespace, url: str) -> dict:
+def start_profiler(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling the server (idle threads left out) until SIGINT; collapsed stacks in `out`."""
+    spy = Path(sys.executable).with_name("py-spy")
+    cmd = [
+        str(spy) if spy.exists() else "py-spy",
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        "50",
+        "--format",
+        "raw",
+        "-o",
+        str(out),
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiler(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+
+
+async def run(args: argparse.Namespace, url: str, server_pid: int) -> dict:
     async with aiohttp.ClientSession() as session, session.get(f"{url}/models") as r:
         model = (await r.json())["data"][0]["id"]
     work = prompts(args.prompts)
@@ -99,7 +123,10 @@ async def run(args: argparse.Namespace, url: str) -> dict:
     out = {}
     for name, clients, load in (("sequential", 1, work), ("concurrent", args.clients, work * args.rounds)):
         before = os.getloadavg()[0]
+        profiler = start_profiler(server_pid, args.py_spy / f"{name}.txt") if args.py_spy else None
         out[name] = await phase(url, model, load, clients, args.max_tokens)
+        if profiler:
+            stop_profiler(profiler)
         out[name]["load"] = (before, os.getloadavg()[0])
         r = out[name]
         print(f"{name:10s} {clients:2d} client(s): {r['requests']} requests, {r['tokens']} tokens in "
@@ -118,14 +145,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--server-arg", action="append", default=[], help="extra `imitate serve` option (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--py-spy", type=Path, help="profile the server in each phase: DIR/<phase>.txt (collapsed)")
     args = ap.parse_args()
     extra = ["--max-batch", str(args.clients), *args.server_arg]
     print(f"serve throughput {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cpus, load average "
           f"{os.getloadavg()[0]:.2f}; {args.model.name}, max_tokens {args.max_tokens}, server {' '.join(extra)}",
           flush=True)  # fmt: skip
+    if args.py_spy:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
     proc, url = start_server(args.model, extra)
     try:
-        out = asyncio.run(run(args, url))
+        out = asyncio.run(run(args, url, proc.pid))
     finally:
         proc.terminate()
         proc.wait(30)
