@@ -492,3 +492,17 @@ def test_a_missing_key_variable_is_one_line_before_loading(model_dir, capsys, mo
     monkeypatch.delenv("SERVE_NOPE", raising=False)
     assert main(["serve", str(model_dir), "--api-key-env", "SERVE_NOPE"]) == 2
     assert "ConfigError: environment variable SERVE_NOPE (--api-key-env) is not set" in capsys.readouterr().err
+
+
+def test_the_429_headers_read_as_imitate_s_limiter_reads_them():
+    from imitate.serve.protocol import busy_error
+    from imitate.teacher.reply import parse_rate_headers
+
+    err = busy_error(32, 2.5, 120)
+    assert err.status == 429 and err.body()["error"]["code"] == "rate_limit_exceeded"
+    rate = parse_rate_headers(err.headers)
+    assert (rate.retry_after_s, rate.limit_requests, rate.remaining_requests, rate.reset_requests_s) == (
+        2.5, 120, 0, 2.5,
+    )  # fmt: skip
+    assert err.headers["retry-after"] == "3"  # whole seconds, rounded up, for clients that read only that
+    assert "x-ratelimit-limit-requests" not in busy_error(32, 1.0, None).headers  # no pace measured yet
