@@ -506,3 +506,32 @@ def test_the_429_headers_read_as_imitate_s_limiter_reads_them():
     )  # fmt: skip
     assert err.headers["retry-after"] == "3"  # whole seconds, rounded up, for clients that read only that
     assert "x-ratelimit-limit-requests" not in busy_error(32, 1.0, None).headers  # no pace measured yet
+
+
+def test_an_adapter_is_served_merged(model_dir, parts, tmp_path: Path):
+    """MODEL may be an adapter folder: its base (from imitate.json) plus the LoRA weights, merged in memory; the
+    served logits are base + adapter's, not the base's."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model_parts(str(model_dir)).model
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    adapter = tmp_path / "my-adapter"
+    lora.save_pretrained(adapter)
+    parts.tokenizer.save_pretrained(adapter)
+    (adapter / "imitate.json").write_text(json.dumps({"base_model": str(model_dir)}))
+    served = load_model_parts(str(adapter))
+    assert served.name == "my-adapter" and not hasattr(served.model, "merge_and_unload")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        expected = lora(input_ids=ids).logits
+        got = served.model(input_ids=ids).logits
+        assert (expected - parts.model(input_ids=ids).logits).abs().max() > 1e-2  # the adapter changes the model
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    engine = Engine(served.model, served.tokenizer, set(), max_batch=1, max_model_len=512)
+    request = Request([1, 2, 3, 4, 5], Params(max_tokens=3, temperature=0.0))
+    assert len(_run(engine, request)) >= 1 and request.sequences[0].tokens[0] == int(expected[0, -1].argmax())
