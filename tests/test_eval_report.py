@@ -70,3 +70,5 @@ def test_accuracy_plot(tmp_path):
     report.add_plot("accuracy", path)
     assert report.data["plots"] == {"accuracy": "accuracy.png"}
     assert plot_accuracy({}, tmp_path / "none.png") is None
+    perfect = {"all": {"results": {"student": {"accuracy": 1.0, "ci95": [0.7, 0.9999999999999999]}}}}
+    assert plot_accuracy(perfect, tmp_path / "edge.png") is not None  # rounding never makes a negative error bar

@@ -30,6 +30,9 @@ def test_wilson_interval(k, n, lo, hi):
 
 def test_wilson_edges():
     assert stats.wilson(0, 0) == (0.0, 1.0)
+    for n in range(1, 60):  # the point estimate is always inside its interval, exactly at the ends
+        assert stats.wilson(0, n)[0] == 0.0 and stats.wilson(n, n)[1] == 1.0
+        assert all(lo <= k / n <= hi for k in range(n + 1) for lo, hi in [stats.wilson(k, n)])
     with pytest.raises(ValueError):
         stats.wilson(3, 2)
 

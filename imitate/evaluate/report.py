@@ -253,8 +253,8 @@ def plot_accuracy(benchmarks: dict[str, Any], path: Path) -> Path | None:
             lo, hi = r["ci95"]
             xs.append(i + (k - (len(labels) - 1) / 2) * width)
             heights.append(r["accuracy"])
-            below.append(r["accuracy"] - lo)
-            above.append(hi - r["accuracy"])
+            below.append(max(0.0, r["accuracy"] - lo))
+            above.append(max(0.0, hi - r["accuracy"]))
         ax.bar(xs, heights, width, yerr=[below, above], capsize=3, label=lab)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 1)
