@@ -5,11 +5,12 @@
     pick(sums[q], lengths)                                             # argmax, optionally length-normalised
 
 **One forward pass per batch, the shared prompt run once.** Each question becomes one packed row: its context,
-then every continuation back to back. A custom 4-D attention mask lets each continuation token see the whole
-context and the earlier tokens of its *own* continuation only, and the position ids of every continuation restart
-where the context ends — so each continuation is computed exactly as if it followed the context alone, but the
-context's tokens go through the model once instead of once per choice (lm-eval's HF backend runs
-context + continuation as a separate row for every choice). Rows are sorted by length and right-padded; a padding
+then every continuation back to back without its last token (a last token is only predicted, never read: lm-eval
+feeds `(context + continuation)[:-1]` for the same reason). A custom 4-D attention mask lets each continuation
+token see the whole context and the earlier tokens of its *own* continuation only, and the position ids of every
+continuation restart where the context ends — so each continuation is computed exactly as if it followed the
+context alone, but the context's tokens go through the model once instead of once per choice (lm-eval's HF backend
+runs context + continuation as a separate row for every choice). Rows are sorted by length and right-padded; a padding
 position attends only to itself and is never read. The 4-D mask is additive (0 / the dtype's minimum), which
 transformers passes to the attention kernel as it is (SDPA and eager alike).
 
@@ -39,7 +40,8 @@ class Request:
 
     @property
     def width(self) -> int:
-        return len(self.context) + sum(len(c) for c in self.continuations)
+        """Packed row length: the context, then each continuation without its last token (predicted, not fed)."""
+        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
 
 
 def encode_chat(tokenizer: Any, fmt: Any, messages: Sequence[Any], choices: Sequence[str]) -> Request:
@@ -86,15 +88,16 @@ def _pack(batch: Sequence[Request], pad_id: int, dtype: Any) -> dict[str, Any]:
         seg[b, :lc] = 0
         start = lc
         for k, cont in enumerate(r.continuations, 1):
-            t = len(cont)
-            ids[b, start : start + t] = torch.tensor(cont)
+            # Token 0 is predicted by the context's last position, token j by the continuation's token j - 1; the
+            # last token is only predicted, never read, so it is not fed (a one-token choice costs no position).
+            t = len(cont) - 1
+            ids[b, start : start + t] = torch.tensor(cont[:-1])
             pos[b, start : start + t] = torch.arange(lc, lc + t)
             seg[b, start : start + t] = k
-            # Token 0 is predicted by the context's last position, token j by the continuation's token j - 1.
-            at += [lc - 1, *range(start, start + t - 1)]
-            rows += [b] * t
+            at += [lc - 1, *range(start, start + t)]
+            rows += [b] * len(cont)
             targets += cont
-            owner += [n_choice] * t
+            owner += [n_choice] * len(cont)
             n_choice += 1
             start += t
     causal = torch.ones(width, width, dtype=torch.bool).tril()
