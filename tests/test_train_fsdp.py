@@ -1,13 +1,17 @@
 """train.parallel=fsdp under torchrun: 2 CPU processes (gloo), each decoder layer sharded with FSDP2, give the same
-losses and the same adapter as 1 process accumulating the same micro-batches; the run is stopped after a sharded
-checkpoint and resumed from it; the adapter it saves (gathered on rank 0) is peft's format and loads with peft."""
+losses and the same adapter as 1 process accumulating the same micro-batches; the run is killed (SIGKILL to the whole
+torchrun process group) after its first sharded checkpoint and resumed from it; the adapter it saves (gathered on
+rank 0) is peft's format and loads with peft."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,12 +30,17 @@ SETS = [
     "train.lora.dropout=0",
     "train.threads=1",
     "train.save_every=2",
+    "train.epochs=6",
 ]
+STEPS = 8  # both runs stop here (max_steps is not part of the schedule), long before the 6 epochs end
+
+
+def _env(tmp_path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "IMITATE_CACHE_DIR": str(tmp_path / "cache")}
 
 
 def _run(args: list[str], tmp_path, name: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "IMITATE_CACHE_DIR": str(tmp_path / "cache")}
-    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
+    out = subprocess.run(args, capture_output=True, text=True, env=_env(tmp_path), timeout=240)
     assert out.returncode == 0, f"{name} failed:\n{out.stderr[-3000:]}"
     return out
 
@@ -40,7 +49,49 @@ def _sets(*extra: str) -> list[str]:
     return [a for s in [*SETS, *extra] for a in ("--set", s)]
 
 
-def test_fsdp_matches_one_process_and_resumes_from_sharded_checkpoints(tmp_path):
+def _complete(out: Path) -> list[int]:
+    return sorted(int(c.parent.name.split("-")[1]) for c in out.glob("checkpoints/step-*/complete"))
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants (Linux /proc): torchrun starts its workers in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def _kill_after_first_checkpoint(args: list[str], tmp_path, out: Path) -> int:
+    """Run under torchrun until a complete checkpoint exists, then SIGKILL the launcher and both ranks at once, as
+    a machine that loses power or the OOM killer would."""
+    log = tmp_path / "killed.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=_env(tmp_path))
+        try:
+            deadline = time.monotonic() + 240
+            while not _complete(out):
+                assert proc.poll() is None, f"the run ended before its first checkpoint:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "no checkpoint within 240 s"
+                time.sleep(0.01)
+        finally:
+            tree = _tree(proc.pid)
+            for pid in tree:
+                os.kill(pid, signal.SIGKILL)
+            proc.wait()
+    assert len(tree) >= 3, f"expected the launcher and two ranks, found processes {tree}"
+    assert proc.returncode == -signal.SIGKILL
+    return _complete(out)[-1]
+
+
+def test_fsdp_matches_one_process_and_resumes_after_a_kill(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -49,21 +100,28 @@ def test_fsdp_matches_one_process_and_resumes_from_sharded_checkpoints(tmp_path)
     write_jsonl(data, synthetic_records(24, seed=5))
     common = [str(data), "--model", str(model)]
     one = [sys.executable, "-m", "imitate.train", *common, "--out", str(tmp_path / "one")]
-    _run([*one, *_sets("train.grad_accum=2")], tmp_path, "single process")
+    _run([*one, *_sets("train.grad_accum=2", f"train.max_steps={STEPS}")], tmp_path, "single process")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
     two = [*torchrun, "-m", "imitate.train", *common, "--out", str(tmp_path / "two")]
     fsdp = _sets("train.grad_accum=1", "train.parallel=fsdp")
-    _run([*two, *fsdp, "--set", "train.max_steps=2"], tmp_path, "torchrun fsdp, stopped at step 2")
-    step2 = tmp_path / "two" / "checkpoints" / "step-000002"
-    assert (step2 / "complete").exists() and (step2 / "sharded" / ".metadata").exists()
-    assert len(list((step2 / "sharded").glob("*.distcp"))) == 2  # one shard file per rank
-    _run([*two, *fsdp, "--set", "train.resume=latest"], tmp_path, "torchrun fsdp, resumed")
+    killed_at = _kill_after_first_checkpoint([*two, *fsdp], tmp_path, tmp_path / "two")
+    assert killed_at < STEPS, "the killed run got too far for the resume to be tested"
+    step = tmp_path / "two" / "checkpoints" / f"step-{killed_at:06d}"
+    assert (step / "sharded" / ".metadata").exists()
+    assert len(list((step / "sharded").glob("*.distcp"))) == 2  # one shard file per rank
+    resumed = _run(
+        [*two, *fsdp, "--set", "train.resume=latest", "--set", f"train.max_steps={STEPS}"],
+        tmp_path,
+        "torchrun fsdp, resumed after the kill",
+    )
+    said = "".join((resumed.stdout + resumed.stderr).split())  # the console may wrap a long path anywhere
+    assert f"resumedfrom{step}" in said
 
     def rows(run):
         return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     a, b = rows("one"), rows("two")
-    assert len(a) == len(b) > 2
+    assert len(a) == len(b) == STEPS
     for x, y in zip(a, b, strict=True):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
         assert y["tokens"] == x["tokens"]

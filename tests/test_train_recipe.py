@@ -169,3 +169,17 @@ def test_preprocessing_cache_is_keyed_by_content(tmp_path, dataset, student):
     assert prepare(cfg, dataset, str(student)).cache_hit
     other = cfg.model_copy(update={"max_length": 64})
     assert not prepare(other, dataset, str(student)).cache_hit
+
+
+def test_a_resume_drops_metrics_rows_after_its_checkpoint_and_a_row_torn_by_a_kill(tmp_path):
+    from imitate.train.report import restart_outputs
+
+    rows = [json.dumps({"step": k, "loss": 1.0 / k}) for k in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + '\n{"step": 5, "lo', encoding="utf-8")
+    (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
+    restart_outputs(tmp_path, 2, fresh=False)
+    assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8") == rows[0] + "\n" + rows[1] + "\n"
+    assert (tmp_path / "checkpoints" / "step-000002").exists()
+    restart_outputs(tmp_path, 0, fresh=True)
+    assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8") == ""
+    assert not (tmp_path / "checkpoints").exists()

@@ -90,9 +90,17 @@ def restart_outputs(out: Path, step: int, *, fresh: bool) -> None:
 
     metrics_file = out / "metrics.jsonl"
     if metrics_file.exists():
-        rows = [line for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= step]
-        metrics_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = []
+        for line in metrics_file.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the row a kill tore in half: it is after any checkpoint
+                continue
+            if row["step"] <= step:
+                kept.append(line)
+        tmp = metrics_file.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(metrics_file)
     if fresh:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
