@@ -584,6 +584,9 @@ def generate_best_of_n_cmd(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Local generation / reward-model batch."),
     seed: int = typer.Option(0, "--seed", help="--source student: sampling seed (each prompt derives its own)."),
     max_reasks: int = typer.Option(2, "--max-reasks", min=0, max=5, help="Re-asks of an unreadable judge verdict."),
+    judge_max_tokens: int | None = typer.Option(
+        None, "--judge-max-tokens", min=1, help="Cap the judge's reply (default: the judge prompt's 1024)."
+    ),
     max_usd: float | None = typer.Option(None, help="Stop before spending more than this (samples + judge, all runs)."),
     max_tokens: int | None = typer.Option(None, help="Stop before using more tokens than this."),
     max_requests: int | None = typer.Option(None, help="Stop before sending more requests than this."),
@@ -607,7 +610,7 @@ def generate_best_of_n_cmd(
     options = BestOfNOptions(
         prompts=prompts, out=out, n=n, source=source, scorer=scorer, keep=keep, reward_model=reward_model,
         student_model=student_model, adapter=adapter, temperature=temperature, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, seed=seed, max_reasks=max_reasks,
+        batch_size=batch_size, seed=seed, max_reasks=max_reasks, judge_max_tokens=judge_max_tokens,
     )  # fmt: skip
     log = None if quiet else (lambda line: typer.echo(line, err=True))
     job = BestOfN(cfg, options, judge_cfg=judge_cfg, command=command, log=log)
@@ -644,6 +647,9 @@ def eval_judge_cmd(
     max_tokens: int | None = typer.Option(None, help="Stop before using more tokens than this."),
     max_requests: int | None = typer.Option(None, help="Stop before sending more requests than this."),
     max_reasks: int = typer.Option(2, "--max-reasks", min=0, max=5, help="Re-asks of an unreadable verdict."),
+    judge_max_tokens: int | None = typer.Option(
+        None, "--judge-max-tokens", min=1, help="Cap the judge's reply (default: the judge prompt's 1024)."
+    ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="First N questions."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Answer length of the local models."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Questions per generation batch."),
@@ -668,6 +674,7 @@ def eval_judge_cmd(
     options = JudgeOptions(
         questions=questions, out=out, model=model, adapter=adapter, base=base, no_base=no_base, mode=mode,
         limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, max_reasks=max_reasks,
+        judge_max_tokens=judge_max_tokens,
     )  # fmt: skip
     command = redact_command(cfg, _state["argv"] or ["eval", "judge"])
     log = None if quiet else (lambda line: typer.echo(line, err=True))

@@ -23,6 +23,7 @@ from imitate.evaluate.judge import (
     paired_difference,
     parse_choice,
     parse_rating,
+    with_max_tokens,
 )
 from imitate.evaluate.judge_eval import JudgeEval, JudgeOptions, read_questions
 from imitate.evaluate.judging import JudgeItem, JudgeRunner
@@ -371,3 +372,25 @@ def test_cli_usage_and_one_line_errors(fake_teacher, tmp_path: Path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1 and "--mode both compares the student with a second model" in err[0]
     assert fake_teacher.stats()["requests"] == 0  # every error came before any judge call
+
+
+async def test_judge_max_tokens_caps_every_ask_and_is_recorded(tmp_path: Path):
+    """--judge-max-tokens: the cap goes out with each request (re-asks included), keys the requests anew and is
+    recorded; the pinned wording and its sha256 are unchanged."""
+    student = ["[[fake-verdict:junk,7]] readable on the 2nd ask", "fine [[fake-score:6]]"]
+    async with FakeTeacher() as fake:
+        _, first = await _judge(fake, tmp_path / "r", {"student": student}, mode="single", no_base=True)
+        asked = fake.stats()["requests"]
+        _, capped = await _judge(fake, tmp_path / "r", {"student": student}, mode="single", no_base=True,
+                                 judge_max_tokens=64)  # fmt: skip
+        assert fake.stats()["requests"] == 2 * asked  # a different cap is a different request: asked anew
+    shard = sorted((tmp_path / "r" / "judge").glob("shard-*.jsonl"))
+    sent = [
+        json.loads(line)["provenance"]["params"]["max_tokens"] for f in shard for line in f.read_text().splitlines()
+    ]
+    assert sorted(sent) == [64] * asked + [1024] * asked
+    data = json.loads((tmp_path / "r" / "judge.json").read_text())
+    assert data["prompts"]["single"] == {**data["prompts"]["single"], "max_tokens": 64, "sha256": PINNED["single"]}
+    assert capped["summary"]["single"]["student"]["mean"] == first["summary"]["single"]["student"]["mean"]
+    with pytest.raises(ValueError):
+        with_max_tokens(load_judge_prompts(), 0)

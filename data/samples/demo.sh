@@ -65,9 +65,10 @@ else
 fi
 
 stage "6. judge student vs base with the local teacher (pairwise, both orders; answers cached, verdicts journaled)"
+# A 135M judge rambles on past its verdict: its replies are capped at 48 tokens and re-asked once at most.
 imitate eval judge --model "$MODEL" --adapter "$OUT/student/adapter" --questions data/eval/judge_questions.jsonl \
   --limit 6 --max-new-tokens 96 --mode pairwise --judge-base-url "$TEACHER" --judge-model smollm2 \
-  --out "$OUT/eval" --quiet
+  --judge-max-tokens 48 --max-reasks 1 --out "$OUT/eval"
 
 stage "7. export the curated dataset (Parquet + provenance card), loadable with datasets.load_dataset"
 imitate export "$OUT/curated" --out "$OUT/dataset" --licence apache-2.0 --name "imitate demo (SmolLM2 teacher)"

@@ -45,7 +45,7 @@ from imitate.dataset.harvested import Tail, is_final, ledger_spent
 from imitate.dataset.io import atomic_path
 from imitate.errors import ConfigError, InputError
 from imitate.evaluate.answers import PromptJournal, answer_key, fingerprint, generate_missing, sample_seed
-from imitate.evaluate.judge import load_judge_prompts
+from imitate.evaluate.judge import load_judge_prompts, with_max_tokens
 from imitate.evaluate.judge_eval import transcript
 from imitate.evaluate.judging import MAX_REASKS, JudgeItem, JudgeRunner, budgeted, only_teacher
 from imitate.records import GenerationParams, Provenance, Query, Record, canonical_json, sha256_text
@@ -70,6 +70,7 @@ class BestOfNOptions:
     batch_size: int = 8
     seed: int = 0
     max_reasks: int = MAX_REASKS
+    judge_max_tokens: int | None = None
 
 
 def pick(scored: list[tuple[Record, float | None]], keep: str) -> tuple[Record | None, Record | None]:
@@ -117,7 +118,7 @@ class BestOfN:
         self.cfg, self.o, self.judge_cfg = cfg, o, only_teacher(judge_cfg or cfg, "judge")
         self.command, self.progress, self.log = command, progress, log or (lambda _: None)
         self.dirs = {"samples": o.out / "samples", "judge": o.out / "judge"}
-        self.prompts = load_judge_prompts() if o.scorer == "judge" else None
+        self.prompts = with_max_tokens(load_judge_prompts(), o.judge_max_tokens) if o.scorer == "judge" else None
         self.queries: list[Query] = []
         self.skipped_rows = 0
         self.samples: dict[str, list[Record]] = {}  # query id -> its answered samples, by sample index
@@ -298,7 +299,8 @@ class BestOfN:
         if self.prompts is not None:
             t, p = self.judge_cfg.harvest.teachers[0], self.prompts.single
             judge = {"base_url": redact_url(t.base_url), "model": t.model, "max_reasks": o.max_reasks,
-                     "prompt": {"id": p.id, "version": p.version, "sha256": p.sha256}}  # fmt: skip
+                     "prompt": {"id": p.id, "version": p.version, "sha256": p.sha256,
+                                "max_tokens": p.params.max_tokens}}  # fmt: skip
         billable = {}
         for name, d in self.dirs.items():
             s = ledger_spent(d)

@@ -87,6 +87,19 @@ class JudgePrompts(_Model):
         return self
 
 
+def with_max_tokens(prompts: JudgePrompts, max_tokens: int | None) -> JudgePrompts:
+    """`prompts` with the judge's reply capped at `max_tokens` (None: the prompts' own). The wording and its sha256
+    stay; the cap is a request parameter, so it is part of each request's key and recorded in provenance. A judge
+    that rambles past its verdict (a small local model) otherwise spends the whole cap on every ask."""
+    if max_tokens is None:
+        return prompts
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    capped = {k: getattr(prompts, k).model_copy(update={"params": getattr(prompts, k).params.model_copy(
+        update={"max_tokens": max_tokens})}) for k in ("single", "pairwise")}  # fmt: skip
+    return prompts.model_copy(update=capped)
+
+
 def load_judge_prompts(path: Path | str | None = None) -> JudgePrompts:
     """Load and check the judge prompts (default: `judge.yaml` in the prompts folder); every problem at once."""
     from imitate.prompts import default_prompts_dir

@@ -36,7 +36,7 @@ from imitate.dataset.io import atomic_path
 from imitate.errors import InputError
 from imitate.evaluate import judge_report
 from imitate.evaluate.answers import PromptJournal, answer_key, fingerprint, generate_missing
-from imitate.evaluate.judge import combine, load_judge_prompts
+from imitate.evaluate.judge import combine, load_judge_prompts, with_max_tokens
 from imitate.evaluate.judging import MAX_REASKS, JudgeItem, JudgeResult, JudgeRunner, budgeted, only_teacher
 from imitate.records import Query, sha256_text
 
@@ -56,6 +56,7 @@ class JudgeOptions:
     max_new_tokens: int = 512
     batch_size: int = 8
     max_reasks: int = MAX_REASKS
+    judge_max_tokens: int | None = None
 
 
 def read_questions(path: str, limit: int | None = None) -> list[Query]:
@@ -94,7 +95,7 @@ class JudgeEval:
         self.cfg, self.o = only_teacher(cfg, "judge"), options
         self.teacher_cfg = only_teacher(teacher_cfg, "teacher") if teacher_cfg is not None else None
         self.command, self.progress, self.log = command, progress, log or (lambda _: None)
-        self.prompts = load_judge_prompts()
+        self.prompts = with_max_tokens(load_judge_prompts(), options.judge_max_tokens)
         self.dirs = {"judge": options.out / "judge", "teacher": options.out / "answers" / "teacher"}
         self.questions: list[Query] = []
         self.answers: dict[str, dict[str, str]] = {}  # model label -> question id -> answer
@@ -266,7 +267,8 @@ class JudgeEval:
             "questions": {"file": self.o.questions, "sha256": _file_sha256(self.o.questions), "n": len(self.questions)},
             "models": self.models,
             "judge": {"base_url": redact_url(j.base_url), "model": j.model},
-            "prompts": {k: {"id": p.id, "version": p.version, "sha256": p.sha256}
+            "prompts": {k: {"id": p.id, "version": p.version, "sha256": p.sha256,
+                          "max_tokens": p.params.max_tokens}
                         for k, p in (("single", self.prompts.single), ("pairwise", self.prompts.pairwise))},
             "mode": self.o.mode,
             "max_reasks": self.o.max_reasks,
