@@ -65,10 +65,11 @@ else
 fi
 
 stage "6. judge student vs base with the local teacher (pairwise, both orders; answers cached, verdicts journaled)"
-# A 135M judge rambles on past its verdict: its replies are capped at 48 tokens and re-asked once at most.
+# A 135M judge rambles on past its verdict: its replies are capped at 48 tokens and re-asked once at most; the
+# server's port changes from run to run, the identity keeps the verdicts' journal keys (a rerun re-asks nothing).
 imitate eval judge --model "$MODEL" --adapter "$OUT/student/adapter" --questions data/eval/judge_questions.jsonl \
   --limit 6 --max-new-tokens 96 --mode pairwise --judge-base-url "$TEACHER" --judge-model smollm2 \
-  --judge-max-tokens 48 --max-reasks 1 --out "$OUT/eval"
+  --judge-max-tokens 48 --max-reasks 1 --set harvest.teachers.0.identity=http://127.0.0.1:8000/v1 --out "$OUT/eval"
 
 stage "7. export the curated dataset (Parquet + provenance card), loadable with datasets.load_dataset"
 imitate export "$OUT/curated" --out "$OUT/dataset" --licence apache-2.0 --name "imitate demo (SmolLM2 teacher)"
@@ -90,7 +91,8 @@ for name, b in r.get("benchmarks", {}).items():
     diff = (b.get("paired") or {}).get("diff")
     print(f"eval     {name}: {accs}" + (f" (student - base {100 * diff:+.1f} points)" if diff is not None else ""))
 for name, t3 in r.get("sections", {}).get("judge", {}).get("data", {}).get("summary", {}).get("pairwise", {}).items():
-    print(f"judge    {name}: win {t3['win']}, tie {t3['tie']}, loss {t3['loss']}")
+    print(f"judge    {name}: win {t3['win']}, tie {t3['tie']}, loss {t3['loss']}, unreadable verdicts {t3['unparsed']}"
+          + (" (a 135M judge seldom writes one: point --judge-base-url at a strong model)" if t3["unparsed"] else ""))
 print(f"report   {out / 'eval' / 'report.md'} (plots beside it)")
 print(f"dataset  {out / 'dataset'} (README.md is the card)")
 print(f"done in {int(time.time()) - start} s")
