@@ -56,6 +56,7 @@ def run_imitate(work: Path, steps: int, warmup: int, checkpointing: bool) -> dic
         f"train.lora.alpha={tt.LORA['lora_alpha']}",
         f"train.lora.dropout={tt.LORA['lora_dropout']}",
         f"train.gradient_checkpointing={str(checkpointing).lower()}",
+        f"train.cpu_mmap_threshold={os.environ.get('BENCH_CPU_MMAP_THRESHOLD', 'null')}",
     ]
     out = work / f"imitate-mem-{checkpointing}"
     summary = train(load_config(overrides=sets), work / "records.jsonl", out, model=str(work / "student")).summary
@@ -110,6 +111,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--pack-length", type=int, default=PACK, help="tokens per optimizer step (one packed row)")
+    parser.add_argument(
+        "--cpu-mmap-threshold",
+        default="null",
+        help="imitate's train.cpu_mmap_threshold (bytes, or null for glibc's adaptive default)",
+    )
     parser.add_argument("--runner", choices=["imitate", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,7 +155,8 @@ def main() -> None:
         cmd = [python, __file__, "--runner", runner, "--work", str(work), "--steps", str(args.steps)]
         cmd += ["--warmup", str(args.warmup), "--pack-length", str(PACK)]
         cmd += ["--checkpointing"] if checkpointing else []
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+               "BENCH_CPU_MMAP_THRESHOLD": args.cpu_mmap_threshold}  # fmt: skip
         before = os.getloadavg()[0]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

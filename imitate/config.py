@@ -463,6 +463,13 @@ class TrainConfig(_Cfg):
         False, description="recompute each decoder layer in backward (less activation memory, ~1 more forward)"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch's default")
+    cpu_mmap_threshold: int | None = Field(
+        None,
+        ge=4096,
+        description="CPU on Linux/glibc: blocks of this many bytes or more (131072 suits) get their own mapping, "
+        "returned to the system when freed, so RSS follows the live tensors: 903 instead of 2,077 MiB for SmolLM2 "
+        "at 2,048 tokens with checkpointing, but ~30 % fewer tokens/s (bench/RESULTS.md); None = glibc's default",
+    )
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="QLoRA: load the base in 4/8 bit (bitsandbytes; CUDA only: pip install 'imitate[gpu]')"
     )

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 
 SETS = ["train.pack_length=1024", "train.batch_rows=2", "train.grad_accum=1", "train.max_steps=2"]
 SETS += ["train.eval_fraction=0", "train.threads=1", "train.lora.r=16", "train.lora.dropout=0.05"]
+SETS += ["train.cpu_mmap_threshold=131072"]
 
 RUN = """
 import json, sys
@@ -46,9 +47,10 @@ def setup(tmp_path_factory):
 
 
 def _measure(tmp: Path, model: Path, data: Path, sets: list[str], name: str) -> dict:
-    # a fixed mmap threshold: glibc's adaptive one lets freed blocks stay resident, so RSS would measure the heap's
-    # history (193-293 MiB for the same 160 MiB of live tensors) instead of what the run holds (memory.py docstring)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    # SETS fix glibc's mmap threshold (train.cpu_mmap_threshold): with the adaptive default freed blocks stay
+    # resident and RSS measured the heap's history (193-293 MiB for the same 160 MiB of live tensors)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
     args = [sys.executable, "-c", RUN, json.dumps([*sets, f"train.cache_dir={tmp / 'cache'}"]), str(data)]
     out = subprocess.run([*args, str(tmp / name), str(model)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -65,6 +67,39 @@ def test_estimate_within_30_percent_of_the_measured_peak(setup, checkpointing):
     ratio = est.peak / measured["added_peak"]
     print(f"checkpointing={checkpointing}: estimate {est.peak >> 20} MiB, measured {measured['added_peak'] >> 20} MiB")
     assert 0.7 <= ratio <= 1.3, (est.lines(), measured)
+
+
+HEAP = """
+import sys, torch
+from pathlib import Path
+from imitate.train import metrics
+def rss():
+    return int(next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS")).split()[1])
+if sys.argv[1] == "set":
+    assert metrics.set_mmap_threshold(131072)
+big = torch.ones(4 << 20)  # 16 MiB: glibc's adaptive threshold rises to this size when it is freed
+del big
+before = rss()
+blocks = [torch.ones(2 << 20) for _ in range(20)]  # 20 x 8 MiB, touched
+last = blocks[-1]
+del blocks  # all freed but the last, which sits on top of them if they came from the heap
+print(rss() - before)
+"""
+
+
+def test_a_fixed_mmap_threshold_returns_freed_tensors_to_the_system():
+    """What train.cpu_mmap_threshold is for: under glibc's adaptive default, 8 MiB activation-sized blocks freed
+    after a 16 MiB one come from the heap and stay resident; with the threshold fixed they are unmapped."""
+
+    def grown(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", HEAP, mode], capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"})  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split()[-1]) // 1024  # MiB
+
+    adaptive, fixed = grown("adaptive"), grown("set")
+    assert adaptive >= 100, f"glibc kept {adaptive} MiB of 152 MiB freed (expected most of it)"
+    assert fixed <= 24, f"{fixed} MiB still resident with the threshold fixed (one 8 MiB block is live)"
 
 
 def test_gguf_shape_from_metadata_only():

@@ -24,7 +24,9 @@ from imitate.config import TrainConfig
 from imitate.errors import TrainError
 
 # Settings that may change between a run and its resume without changing what is computed.
-RESUME_FREE = {"resume", "max_steps", "save_every", "log_every", "threads", "cache_dir", "check_examples"}
+RESUME_FREE = {
+    "resume", "max_steps", "save_every", "log_every", "threads", "cpu_mmap_threshold", "cache_dir", "check_examples",
+}  # fmt: skip
 
 
 def rng_state(dropout_rng: Any = None) -> dict[str, Any]:

@@ -25,10 +25,13 @@ buffer (train/loss.py). This is a model of the implementation, not a measurement
 checks it within 30 % of the measured peak on the CPU. FSDP's sharding (train/fsdp.py) is not divided out.
 With checkpointing the loss's buffers and the recomputed layer are not alive at once, so the peak takes the larger.
 
-On the CPU the measured figure is glibc's RSS high-water mark, which also holds freed blocks the heap kept (its
-mmap threshold adapts as large blocks are freed): with the defaults, the same run measured 193-293 MiB for 160 MiB
-of live tensors. The test fixes `MALLOC_MMAP_THRESHOLD_` so RSS follows the live tensors; a user's RSS may exceed
-the estimate by such heap slack.
+On the CPU the measured figure is the RSS high-water mark, which also holds freed blocks glibc's heap kept: its
+adaptive mmap threshold rises to the largest block freed (up to 32 MiB), and activation-sized buffers then come
+from a heap that stays resident (the tiny test model measured 193-293 MiB for 160 MiB of live tensors; SmolLM2 at
+2,048 tokens with checkpointing 2,077 MiB for 903). `train.cpu_mmap_threshold=131072` fixes the threshold at
+start (`metrics.set_mmap_threshold`) and RSS then follows the live tensors this estimate models (the test uses it),
+at ~30 % fewer tokens/s (every large block is mapped and faulted in afresh); by default, expect RSS above the
+estimate by such heap slack (up to 2x with checkpointing).
 """
 
 from __future__ import annotations

@@ -67,6 +67,26 @@ def _proc_status_kib(key: str) -> int | None:
     return None
 
 
+def set_mmap_threshold(threshold: int) -> bool:
+    """glibc's `mallopt(M_MMAP_THRESHOLD, threshold)`: blocks of `threshold` bytes or more are mapped on their own
+    and unmapped when freed. It also turns off glibc's adaptive threshold, which rises to the largest block freed
+    (up to 32 MiB) and then serves activation-sized buffers from a heap that stays resident after they are freed.
+    The same as `MALLOC_MMAP_THRESHOLD_` in the environment, but settable once the process runs. False (and nothing
+    changed) off glibc."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak window: CUDA's allocator peak, or on Linux the process's RSS high-water mark (VmHWM,
     reset by writing 5 to /proc/self/clear_refs). Elsewhere the CPU peak stays the process's lifetime peak."""

@@ -188,6 +188,8 @@ def train(
         if t.threads:
             torch.set_num_threads(t.threads)
         device, dtype = device_and_dtype(t.dtype)
+        if device.type == "cpu" and t.cpu_mmap_threshold is not None:
+            metrics.set_mmap_threshold(t.cpu_mmap_threshold)
         gpu_options = {"quantization": t.quantization, "attn_implementation": t.attn_implementation}
         check_options(resolve(model or t.model), dtype=dtype, **gpu_options)  # fail before tokenising
         prep = prepare(t, data_path, model)
