@@ -181,7 +181,7 @@ def harvest_cmd(
         raise InputError("--out DIR is required", hint="imitate harvest INPUT --out data/runs/NAME")
     _check_writable(out)
     command = redact_command(cfg, _state["argv"] or ["harvest"])
-    progress = "quiet" if quiet else "json" if json_log else ("live" if sys.stderr.isatty() else "quiet")
+    progress = "quiet" if quiet else "json" if json_log else ("live" if sys.stderr.isatty() else "lines")
     if verbose:
         typer.echo(to_yaml(cfg, command), err=True)
     elif not quiet:

@@ -337,3 +337,17 @@ def test_harvest_prints_a_settings_summary_and_the_whole_config_only_with_verbos
     assert main([*args, "--out", str(tmp_path / "b"), "--verbose"]) == 0
     err = capsys.readouterr().err
     assert "harvest:" in err and "teachers:" in err and "pw-31337" not in err
+
+
+async def test_a_log_gets_plain_progress_lines(tmp_path: Path, capsys):
+    """stderr that is not a terminal (make demo > log, CI) gets a plain status line per interval, not silence."""
+    async with FakeTeacher(latency_s=0.1) as server:
+        src = write_queries(tmp_path / "q.jsonl", [f"Why is {i} a number?" for i in range(12)])
+        cfg = cfg_for(server.base_url, "harvest.teachers.0.max_concurrency=2")
+        outcome = await harvest(cfg, str(src), tmp_path / "out", progress="lines", progress_interval=0.1)
+    assert outcome.error is None
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("harvest ")]
+    assert len(lines) >= 3, lines
+    assert all(" ok" in x and "failed" in x and "req/min" in x and "$0.0000" in x for x in lines)
+    done = [int(x.split()[1].split("/")[0]) for x in lines]
+    assert done == sorted(done) and done[0] < done[-1] <= 12  # it moves while the harvest runs

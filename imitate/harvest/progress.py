@@ -1,4 +1,5 @@
-"""What a running harvest shows: a rich live view, JSON log lines (`--json-log`), or nothing (`--quiet`).
+"""What a running harvest shows: a rich live view (a terminal), plain status lines (a log or pipe), JSON log lines
+(`--json-log`), or nothing (`--quiet`).
 
 Both pass through `redact_text`: a teacher name or limiter detail that carries a URL must not show its
 credentials on a terminal or in a CI log.
@@ -69,14 +70,27 @@ def _table(data: dict[str, Any]) -> Table:
     return t
 
 
-class Progress:
-    """mode: 'live' (rich view on a terminal), 'json' (one JSON line per interval on stderr), 'quiet'."""
+def status_line(data: dict[str, Any]) -> str:
+    """One plain line of a snapshot, for logs (stderr that is not a terminal)."""
+    total = f"/{data['total']}" if data.get("total") else ""
+    eta = f", eta {data['eta_s']:.0f} s" if data.get("eta_s") is not None else ""
+    skipped = f" (+{data['skipped_done']} done before)" if data.get("skipped_done") else ""
+    return (
+        f"harvest {data['done']}{total} ok{skipped}, {data['failed']} failed · {data['requests']} requests, "
+        f"{data['throttled_429']} throttled, {data['retries']} retries · {data['req_per_min']:.0f} req/min, "
+        f"{data['tok_per_min']:.0f} tok/min · ${data['spend_usd']:.4f} · {data['elapsed_s']:.0f} s{eta}"
+    )
 
-    def __init__(self, mode: str, collector: Any, total_hint: int | None, interval: float = 0.5):
+
+class Progress:
+    """mode: 'live' (rich view on a terminal), 'lines' (a plain status line every 10 s: stderr that is a log
+    file or a pipe), 'json' (one JSON line per interval on stderr), 'quiet'."""
+
+    def __init__(self, mode: str, collector: Any, total_hint: int | None, interval: float | None = None):
         self.mode = mode
         self.collector = collector
         self.total_hint = total_hint
-        self.interval = interval if mode == "live" else max(interval, 5.0)
+        self.interval = interval or {"live": 0.5, "lines": 10.0}.get(mode, 5.0)
         self._live: Live | None = None
 
     def start(self) -> None:
@@ -92,6 +106,9 @@ class Progress:
             self._live.update(_table(self.data()))
         elif self.mode == "json":
             sys.stderr.write(redact_text(json.dumps({"event": "progress", **self.data()})) + "\n")
+            sys.stderr.flush()
+        elif self.mode == "lines":
+            sys.stderr.write(redact_text(status_line(self.data())) + "\n")
             sys.stderr.flush()
 
     def stop(self) -> None:

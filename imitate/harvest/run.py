@@ -169,10 +169,12 @@ async def harvest(
     progress: str = "live",
     clients: dict[str, Any] | None = None,
     source: Iterable[Query] | None = None,
+    progress_interval: float | None = None,
 ) -> Outcome:
     """Harvest `input_path` into `out_dir`. Never raises for a row; returns the manifest and the stop error.
     `source`: queries made by the caller (`imitate generate`) instead of reading `input_path`, which then only
-    names them in the manifest and messages."""
+    names them in the manifest and messages. `progress_interval`: seconds between progress updates (None: the
+    mode's own)."""
     h = cfg.harvest
     own_clients = clients is None
     clients = clients if clients is not None else make_clients(cfg)
@@ -184,7 +186,7 @@ async def harvest(
     spent = journal.ledger.spent  # every attempt of every earlier run, crashed ones at their estimate
     budget = Budget(h.budget, spent_usd=spent.usd, tokens=spent.tokens, requests=spent.requests)
     col = Collector(cfg, source, planner, journal, clients, budget=budget)
-    view = Progress(progress, col, getattr(source, "count_hint", lambda: None)())
+    view = Progress(progress, col, getattr(source, "count_hint", lambda: None)(), interval=progress_interval)
     loop = asyncio.get_running_loop()
     signals = _install_signals(loop, col)
     view.start()
