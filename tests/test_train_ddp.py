@@ -4,14 +4,11 @@ same micro-batches, because the loss is normalised by the supervised tokens of t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import synthetic_records, tiny_model_dir
+from train_fixtures import TRAIN_ONE, TRAIN_TWO, run_train, sets, synthetic_records, tiny_model_dir
 
 from imitate.records import write_jsonl
 
@@ -28,50 +25,15 @@ SETS = [
 ]
 
 
-def _run(args: list[str], tmp_path, name: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "IMITATE_CACHE_DIR": str(tmp_path / "cache")}
-    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
-    assert out.returncode == 0, f"{name} failed:\n{out.stderr[-3000:]}"
-    return out
-
-
 def test_two_processes_match_one_process_accumulating(tmp_path):
     model = tiny_model_dir(tmp_path / "model")
     data = tmp_path / "data.jsonl"
     write_jsonl(data, synthetic_records(24, seed=5))
     common = [str(data), "--model", str(model)]
-    sets = [a for s in SETS for a in ("--set", s)]
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "imitate.train",
-            *common,
-            "--out",
-            str(tmp_path / "one"),
-            *sets,
-            "--set",
-            "train.grad_accum=2",
-        ],
-        tmp_path,
-        "single process",
-    )
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
-    _run(
-        [
-            *torchrun,
-            "-m",
-            "imitate.train",
-            *common,
-            "--out",
-            str(tmp_path / "two"),
-            *sets,
-            "--set",
-            "train.grad_accum=1",
-        ],
-        tmp_path,
-        "torchrun",
-    )
+    one = [*TRAIN_ONE, *common, "--out", str(tmp_path / "one"), *sets(*SETS, "train.grad_accum=2")]
+    run_train(one, tmp_path, "single process")
+    two = [*TRAIN_TWO, *common, "--out", str(tmp_path / "two"), *sets(*SETS, "train.grad_accum=1")]
+    run_train(two, tmp_path, "torchrun")
 
     def rows(run):
         return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

@@ -9,14 +9,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import synthetic_records, tiny_model_dir
+from train_fixtures import TRAIN_ONE, TRAIN_TWO, run_train, sets, synthetic_records, tiny_model_dir, train_env
 
 from imitate.records import write_jsonl
 
@@ -33,20 +32,6 @@ SETS = [
     "train.epochs=6",
 ]
 STEPS = 8  # both runs stop here (max_steps is not part of the schedule), long before the 6 epochs end
-
-
-def _env(tmp_path) -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "IMITATE_CACHE_DIR": str(tmp_path / "cache")}
-
-
-def _run(args: list[str], tmp_path, name: str) -> subprocess.CompletedProcess:
-    out = subprocess.run(args, capture_output=True, text=True, env=_env(tmp_path), timeout=240)
-    assert out.returncode == 0, f"{name} failed:\n{out.stderr[-3000:]}"
-    return out
-
-
-def _sets(*extra: str) -> list[str]:
-    return [a for s in [*SETS, *extra] for a in ("--set", s)]
 
 
 def _complete(out: Path) -> list[int]:
@@ -74,7 +59,7 @@ def _kill_after_first_checkpoint(args: list[str], tmp_path, out: Path) -> int:
     a machine that loses power or the OOM killer would."""
     log = tmp_path / "killed.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=_env(tmp_path))
+        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=train_env(tmp_path))
         try:
             deadline = time.monotonic() + 240
             while not _complete(out):
@@ -99,17 +84,16 @@ def test_fsdp_matches_one_process_and_resumes_after_a_kill(tmp_path):
     data = tmp_path / "data.jsonl"
     write_jsonl(data, synthetic_records(24, seed=5))
     common = [str(data), "--model", str(model)]
-    one = [sys.executable, "-m", "imitate.train", *common, "--out", str(tmp_path / "one")]
-    _run([*one, *_sets("train.grad_accum=2", f"train.max_steps={STEPS}")], tmp_path, "single process")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
-    two = [*torchrun, "-m", "imitate.train", *common, "--out", str(tmp_path / "two")]
-    fsdp = _sets("train.grad_accum=1", "train.parallel=fsdp")
+    one = [*TRAIN_ONE, *common, "--out", str(tmp_path / "one")]
+    run_train([*one, *sets(*SETS, "train.grad_accum=2", f"train.max_steps={STEPS}")], tmp_path, "single process")
+    two = [*TRAIN_TWO, *common, "--out", str(tmp_path / "two")]
+    fsdp = sets(*SETS, "train.grad_accum=1", "train.parallel=fsdp")
     killed_at = _kill_after_first_checkpoint([*two, *fsdp], tmp_path, tmp_path / "two")
     assert killed_at < STEPS, "the killed run got too far for the resume to be tested"
     step = tmp_path / "two" / "checkpoints" / f"step-{killed_at:06d}"
     assert (step / "sharded" / ".metadata").exists()
     assert len(list((step / "sharded").glob("*.distcp"))) == 2  # one shard file per rank
-    resumed = _run(
+    resumed = run_train(
         [*two, *fsdp, "--set", "train.resume=latest", "--set", f"train.max_steps={STEPS}"],
         tmp_path,
         "torchrun fsdp, resumed after the kill",

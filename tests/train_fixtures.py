@@ -10,6 +10,8 @@ import atexit
 import functools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +24,27 @@ from imitate.records import Message, Provenance, Query, Record
 
 MODEL_DIR = Path(os.environ.get("IMITATE_MODEL_DIR", "~/.cache/imitate/models")).expanduser()
 GGUF = MODEL_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# `imitate.train` in one process, and under torchrun in two CPU processes (gloo)
+TRAIN_ONE = [sys.executable, "-m", "imitate.train"]
+TRAIN_TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+             "-m", "imitate.train"]  # fmt: skip
+
+
+def train_env(tmp_path: Path) -> dict[str, str]:
+    """A training subprocess's environment: offline, one thread per process, its own tokenised-data cache."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "IMITATE_CACHE_DIR": str(tmp_path / "cache")}
+
+
+def run_train(args: list[str], tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    out = subprocess.run(args, capture_output=True, text=True, env=train_env(tmp_path), timeout=240)
+    assert out.returncode == 0, f"{name} failed:\n{out.stderr[-3000:]}"
+    return out
+
+
+def sets(*settings: str) -> list[str]:
+    """--set arguments."""
+    return [a for s in settings for a in ("--set", s)]
 
 
 def require_gguf() -> Path:
