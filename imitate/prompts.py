@@ -22,13 +22,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imitate.errors import ConfigError
 from imitate.records import Query, sha256_text, unit_hash
+
+M = TypeVar("M", bound=BaseModel)
 
 PROMPTS_DIR_ENV = "IMITATE_PROMPTS_DIR"
 ROW_PROMPT_ID = "row"
@@ -109,11 +111,32 @@ def default_prompts_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / "prompts"
 
 
+def read_yaml(path: Path) -> Any:
+    """A prompts-folder YAML file's data; ConfigError naming the file (and line) when it cannot be read or parsed."""
+    problems: list[str] = []
+    data = _read(path, problems)
+    if problems:
+        raise ConfigError(problems[0])
+    return data
+
+
+def load_model(path: Path, model: type[M]) -> M:
+    """A versioned prompts file read and validated as `model`: ConfigError lists every shape problem at once (the
+    caller then checks its sha256 fields, which differ per file)."""
+    try:
+        return model.model_validate(read_yaml(path))
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{path} has {len(problems)} problem(s)", problems=problems) from exc
+
+
 def _read(path: Path, problems: list[str]) -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         problems.append(f"{path}: cannot read ({exc.strerror})")
+    except UnicodeDecodeError:
+        problems.append(f"{path}: not UTF-8 text")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

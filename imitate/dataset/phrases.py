@@ -15,11 +15,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from imitate.errors import ConfigError
-from imitate.prompts import default_prompts_dir
+from imitate.prompts import default_prompts_dir, load_model, read_yaml
 from imitate.records import canonical_json, sha256_text
 
 CURATION_FILE = "curation.yaml"
@@ -60,27 +59,10 @@ def phrases_sha256(refusals: list[str], disclaimers: list[str]) -> str:
     return sha256_text(canonical_json({"disclaimers": disclaimers, "refusals": refusals}))
 
 
-def _yaml(path: Path) -> object:
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text") from exc
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', None) or exc})") from exc
-
-
 def load_curation(dir: Path | str | None = None) -> Curation:
     """Load `curation.yaml` from the prompts folder; ConfigError lists every problem (shape, hashes) at once."""
     path = Path(dir if dir is not None else default_prompts_dir()) / CURATION_FILE
-    try:
-        curation = Curation.model_validate(_yaml(path))
-    except ValidationError as exc:
-        problems = [f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"{path} is not valid", problems=problems) from exc
+    curation = load_model(path, Curation)
     problems = []
     if curation.phrases.content_sha256() != curation.phrases.sha256:
         problems.append(f"phrases.sha256 does not match the lists (they hash to {curation.phrases.content_sha256()})")
@@ -97,7 +79,7 @@ def read_extra_phrases(path: Path | str) -> tuple[list[str], list[str]]:
     one phrase a line (disclaimers: matched anywhere; blank lines and lines starting with # are skipped)."""
     path = Path(path)
     if path.suffix.lower() in (".yaml", ".yml"):
-        data = _yaml(path)
+        data = read_yaml(path)
         if not isinstance(data, dict) or set(data) - {"refusals", "disclaimers"}:
             raise ConfigError(f"{path}: expected a mapping with `refusals` and/or `disclaimers` lists")
         lists = [data.get(k) or [] for k in ("refusals", "disclaimers")]

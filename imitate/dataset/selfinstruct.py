@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imitate.dataset.formats import ALPACA_INPUT
 from imitate.errors import ConfigError, InputError
@@ -113,20 +112,10 @@ class SelfInstructPrompt(_Model):
 
 def load_prompt(path: Path | str | None = None) -> SelfInstructPrompt:
     """Load and check the prompt file (default: `self_instruct.yaml` in the prompts folder)."""
-    from imitate.prompts import default_prompts_dir
+    from imitate.prompts import default_prompts_dir, load_model
 
     path = Path(path) if path is not None else default_prompts_dir() / PROMPT_FILE
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
-    try:
-        spec = SelfInstructPrompt.model_validate(data)
-    except ValidationError as exc:
-        problems = [f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"{path} has {len(problems)} problem(s)", problems=problems) from exc
+    spec = load_model(path, SelfInstructPrompt)
     if spec.content_sha256() != spec.sha256:
         raise ConfigError(
             f"{path}: sha256 does not match the content (it hashes to {spec.content_sha256()})",

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imitate.errors import ConfigError
 from imitate.records import GenerationParams, canonical_json, sha256_text
@@ -102,20 +101,10 @@ def with_max_tokens(prompts: JudgePrompts, max_tokens: int | None) -> JudgePromp
 
 def load_judge_prompts(path: Path | str | None = None) -> JudgePrompts:
     """Load and check the judge prompts (default: `judge.yaml` in the prompts folder); every problem at once."""
-    from imitate.prompts import default_prompts_dir
+    from imitate.prompts import default_prompts_dir, load_model
 
     path = Path(path) if path is not None else default_prompts_dir() / PROMPT_FILE
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
-    try:
-        prompts = JudgePrompts.model_validate(data)
-    except ValidationError as exc:
-        problems = [f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"{path} has {len(problems)} problem(s)", problems=problems) from exc
+    prompts = load_model(path, JudgePrompts)
     problems = [
         f"{kind}: sha256 does not match the content (it hashes to {p.content_sha256()})"
         for kind, p in (("single", prompts.single), ("pairwise", prompts.pairwise))
