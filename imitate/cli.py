@@ -61,6 +61,17 @@ def _root(
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file.", dir_okay=False)
 SetOpt = typer.Option(None, "--set", help="Override a config key: --set harvest.params.temperature=0.2")
+# the first teacher's endpoint and limits, and the budget, as flags (commands that ask one teacher)
+BaseUrlOpt = typer.Option(None, help="Teacher base URL (first teacher).")
+TeacherModelOpt = typer.Option(None, help="Teacher model (first teacher).")
+ApiKeyEnvOpt = typer.Option(None, help="Env var holding the API key (first teacher).")
+RpmOpt = typer.Option(None, help="Requests per minute (first teacher).")
+TpmOpt = typer.Option(None, help="Tokens per minute (first teacher).")
+MaxTokensOpt = typer.Option(None, help="Stop before using more tokens than this.")
+MaxRequestsOpt = typer.Option(None, help="Stop before sending more requests than this.")
+JudgeMaxTokensOpt = typer.Option(
+    None, "--judge-max-tokens", min=1, help="Cap the judge's reply (default: the judge prompt's 1024)."
+)
 
 
 @config_app.command("show")
@@ -133,17 +144,17 @@ def harvest_cmd(
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (shards, journal, manifest)."),
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
-    base_url: str | None = typer.Option(None, help="Teacher base URL (first teacher)."),
-    model: str | None = typer.Option(None, help="Teacher model (first teacher)."),
-    api_key_env: str | None = typer.Option(None, help="Env var holding the API key (first teacher)."),
-    rpm: int | None = typer.Option(None, help="Requests per minute (first teacher)."),
-    tpm: int | None = typer.Option(None, help="Tokens per minute (first teacher)."),
+    base_url: str | None = BaseUrlOpt,
+    model: str | None = TeacherModelOpt,
+    api_key_env: str | None = ApiKeyEnvOpt,
+    rpm: int | None = RpmOpt,
+    tpm: int | None = TpmOpt,
     preset: str | None = typer.Option(
         None, help="System-message preset: orca, orca-cot, orca-niv2, orca-t0, orca-flan, none."
     ),
     max_usd: float | None = typer.Option(None, help="Stop before spending more than this."),
-    max_tokens: int | None = typer.Option(None, help="Stop before using more tokens than this."),
-    max_requests: int | None = typer.Option(None, help="Stop before sending more requests than this."),
+    max_tokens: int | None = MaxTokensOpt,
+    max_requests: int | None = MaxRequestsOpt,
     mode: str | None = typer.Option(None, help="online (default) or batch (Batch API)."),
     samples: int | None = typer.Option(None, "--n", help="Samples per prompt."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip and count malformed input rows."),
@@ -509,15 +520,15 @@ def generate_self_instruct_cmd(
     max_rounds: int | None = typer.Option(None, "--max-rounds", min=1, help="Stop after this many rounds."),
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
-    base_url: str | None = typer.Option(None, help="Teacher base URL (first teacher)."),
-    model: str | None = typer.Option(None, help="Teacher model (first teacher)."),
-    api_key_env: str | None = typer.Option(None, help="Env var holding the API key (first teacher)."),
-    rpm: int | None = typer.Option(None, help="Requests per minute (first teacher)."),
-    tpm: int | None = typer.Option(None, help="Tokens per minute (first teacher)."),
+    base_url: str | None = BaseUrlOpt,
+    model: str | None = TeacherModelOpt,
+    api_key_env: str | None = ApiKeyEnvOpt,
+    rpm: int | None = RpmOpt,
+    tpm: int | None = TpmOpt,
     preset: str | None = typer.Option(None, help="System-message preset for the answers (orca, none, ...)."),
     max_usd: float | None = typer.Option(None, help="Stop before spending more than this (both steps, all runs)."),
-    max_tokens: int | None = typer.Option(None, help="Stop before using more tokens than this."),
-    max_requests: int | None = typer.Option(None, help="Stop before sending more requests than this."),
+    max_tokens: int | None = MaxTokensOpt,
+    max_requests: int | None = MaxRequestsOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No config dump, no per-round lines."),
     json_log: bool = typer.Option(False, "--json-log", help="Harvest progress as JSON lines on stderr."),
 ) -> None:
@@ -584,12 +595,10 @@ def generate_best_of_n_cmd(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Local generation / reward-model batch."),
     seed: int = typer.Option(0, "--seed", help="--source student: sampling seed (each prompt derives its own)."),
     max_reasks: int = typer.Option(2, "--max-reasks", min=0, max=5, help="Re-asks of an unreadable judge verdict."),
-    judge_max_tokens: int | None = typer.Option(
-        None, "--judge-max-tokens", min=1, help="Cap the judge's reply (default: the judge prompt's 1024)."
-    ),
+    judge_max_tokens: int | None = JudgeMaxTokensOpt,
     max_usd: float | None = typer.Option(None, help="Stop before spending more than this (samples + judge, all runs)."),
-    max_tokens: int | None = typer.Option(None, help="Stop before using more tokens than this."),
-    max_requests: int | None = typer.Option(None, help="Stop before sending more requests than this."),
+    max_tokens: int | None = MaxTokensOpt,
+    max_requests: int | None = MaxRequestsOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No config dump, no progress lines."),
 ) -> None:
     """Rejection sampling: n answers per prompt, scored by a judge or a reward model, the best kept (as records)."""
@@ -644,12 +653,10 @@ def eval_judge_cmd(
     teacher_model: str | None = typer.Option(None, "--teacher-model", help="The teacher endpoint's model."),
     teacher_api_key_env: str | None = typer.Option(None, "--teacher-api-key-env", help="Env var of the teacher's key."),
     max_usd: float | None = typer.Option(None, help="Stop before spending more than this (judge + teacher, all runs)."),
-    max_tokens: int | None = typer.Option(None, help="Stop before using more tokens than this."),
-    max_requests: int | None = typer.Option(None, help="Stop before sending more requests than this."),
+    max_tokens: int | None = MaxTokensOpt,
+    max_requests: int | None = MaxRequestsOpt,
     max_reasks: int = typer.Option(2, "--max-reasks", min=0, max=5, help="Re-asks of an unreadable verdict."),
-    judge_max_tokens: int | None = typer.Option(
-        None, "--judge-max-tokens", min=1, help="Cap the judge's reply (default: the judge prompt's 1024)."
-    ),
+    judge_max_tokens: int | None = JudgeMaxTokensOpt,
     limit: int | None = typer.Option(None, "--limit", min=1, help="First N questions."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Answer length of the local models."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Questions per generation batch."),
