@@ -69,6 +69,11 @@ RpmOpt = typer.Option(None, help="Requests per minute (first teacher).")
 TpmOpt = typer.Option(None, help="Tokens per minute (first teacher).")
 MaxTokensOpt = typer.Option(None, help="Stop before using more tokens than this.")
 MaxRequestsOpt = typer.Option(None, help="Stop before sending more requests than this.")
+# the student and its base, as the eval commands name them
+StudentOpt = typer.Option(None, "--model", help="Student: folder, .gguf, merged folder or adapter folder.")
+AdapterOpt = typer.Option(None, "--adapter", help="LoRA adapter applied to --model (or its own base).")
+BaseOpt = typer.Option(None, "--base", help="Base to compare with (default: what the student records).")
+NoBaseOpt = typer.Option(False, "--no-base", help="Evaluate the student alone.")
 JudgeMaxTokensOpt = typer.Option(
     None, "--judge-max-tokens", min=1, help="Cap the judge's reply (default: the judge prompt's 1024)."
 )
@@ -639,9 +644,9 @@ def eval_judge_cmd(
         ..., "--questions", help="Questions (id, question, category): any file harvest reads."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder: judge_scores.jsonl, judge.json/png, report.md."),
-    model: str | None = typer.Option(None, "--model", help="Student: folder, .gguf, merged folder or adapter folder."),
-    adapter: Path | None = typer.Option(None, "--adapter", help="LoRA adapter applied to --model (or its own base)."),
-    base: str | None = typer.Option(None, "--base", help="Base to compare with (default: what the student records)."),
+    model: str | None = StudentOpt,
+    adapter: Path | None = AdapterOpt,
+    base: str | None = BaseOpt,
     no_base: bool = typer.Option(False, "--no-base", help="No base: the student alone or against --teacher-*."),
     mode: str = typer.Option("both", "--mode", help="single (1-10 grades), pairwise (both orders) or both."),
     judge_base_url: str | None = typer.Option(None, "--judge-base-url", help="Judge endpoint (OpenAI-compatible)."),
@@ -695,10 +700,10 @@ def eval_judge_cmd(
 def eval_bench_cmd(
     data: list[str] = typer.Option(..., "--data", help="Eval set file (repeatable): MMLU, ARC, GSM8K or mapped."),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder: report.md, report.json, per-item results."),
-    model: str | None = typer.Option(None, "--model", help="Student: folder, .gguf, merged folder or adapter folder."),
-    adapter: Path | None = typer.Option(None, "--adapter", help="LoRA adapter applied to --model (or its own base)."),
-    base: str | None = typer.Option(None, "--base", help="Base to compare with (default: what the student records)."),
-    no_base: bool = typer.Option(False, "--no-base", help="Evaluate the student alone."),
+    model: str | None = StudentOpt,
+    adapter: Path | None = AdapterOpt,
+    base: str | None = BaseOpt,
+    no_base: bool = NoBaseOpt,
     format: str = typer.Option("auto", "--format", help="mmlu, arc, gsm8k, mc (with --columns) or auto."),
     columns: str | None = typer.Option(None, "--columns", help="Column mapping: question=q,choices=opts,answer=gold"),
     limit: int | None = typer.Option(None, "--limit", min=1, help="First N items of each set."),
@@ -726,10 +731,10 @@ def eval_bench_cmd(
 def eval_lm_eval_cmd(
     tasks: list[str] = typer.Option(..., "--tasks", help="lm-eval tasks/groups, comma-separated: mmlu,gsm8k"),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder: report.md, report.json, lm-eval/ results."),
-    model: str | None = typer.Option(None, "--model", help="Student: folder, .gguf, merged folder or adapter folder."),
-    adapter: Path | None = typer.Option(None, "--adapter", help="LoRA adapter applied to --model (or its own base)."),
-    base: str | None = typer.Option(None, "--base", help="Base to compare with (default: what the student records)."),
-    no_base: bool = typer.Option(False, "--no-base", help="Evaluate the student alone."),
+    model: str | None = StudentOpt,
+    adapter: Path | None = AdapterOpt,
+    base: str | None = BaseOpt,
+    no_base: bool = NoBaseOpt,
     include_path: list[Path] | None = typer.Option(None, "--include-path", help="Folder of local task YAMLs."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="First N items of each task (a quick look)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Requests per forward pass."),
