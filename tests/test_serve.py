@@ -125,6 +125,7 @@ def test_batch_logits_equal_one_at_a_time_as_rows_join_and_leave(parts):
     batch = Batch(model, max_rows=4, capacity=8)
     rows: list[int] = []
     got: list[list[torch.Tensor]] = [[] for _ in prompts]
+    grown = 8
     with torch.inference_mode():
         for step in range(32):
             for r in range(len(rows) - 1, -1, -1):
@@ -142,11 +143,21 @@ def test_batch_logits_equal_one_at_a_time_as_rows_join_and_leave(parts):
                 logits = batch.decode([feeds[i][len(got[i]) - 1] for i in rows])
                 for r, i in enumerate(rows):
                     got[i].append(logits[r])
-        assert batch.geo.capacity > 8  # it did reallocate
+            grown = max(grown, batch.geo.capacity)
+        assert grown > 8  # it did reallocate
         for i, p in enumerate(prompts):
             assert len(got[i]) > 3
             alone = model(input_ids=torch.tensor([p + feeds[i][: len(got[i]) - 1]])).logits[0, len(p) - 1 :]
             torch.testing.assert_close(torch.stack(got[i]), alone.float(), atol=1e-4, rtol=1e-4)
+        # All left: the grown buffers are given back, and the next sequence starts from the initial capacity.
+        assert batch.rows == 0 and batch.geo.capacity == 8
+        assert all(layer.k is None and layer.keys is None for layer in batch.layers)
+        p, feed = prompts[3], feeds[3][:12]
+        cache, first = batch.prefill(p)
+        batch.add(cache, len(p))
+        steps = [first] + [batch.decode([t])[0] for t in feed]
+        alone = model(input_ids=torch.tensor([p + feed])).logits[0, len(p) - 1 :]
+        torch.testing.assert_close(torch.stack(steps), alone.float(), atol=1e-4, rtol=1e-4)
 
 
 def test_engine_stop_token_and_stop_string_and_length(parts):

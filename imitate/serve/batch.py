@@ -12,7 +12,8 @@ DynamicCache instead concatenates, copying the whole cache of every layer at eve
   window just moves left (`start -= ...`) into free room; only when the buffer has no room is it reallocated
   (doubling, live columns re-centred), so reallocation is amortised.
 - A finished sequence leaves by moving the last row into its place (one row copied, order does not matter);
-  leading columns that no row uses any more are dropped by moving `start` right (free).
+  leading columns that no row uses any more are dropped by moving `start` right (free). When the last one leaves
+  a grown buffer, the buffers are released (an idle server keeps no GBs of cache from a burst of long requests).
 - Buffers are zero-initialised: a hidden column gets weight 0 in the softmax, and 0 * a finite value is 0 (an
   uninitialised NaN there would poison the sum).
 
@@ -87,6 +88,7 @@ class Batch:
     def __init__(self, model: Any, max_rows: int, capacity: int = 256):
         self.model = model
         self.max_rows = max_rows
+        self.initial_capacity = capacity
         self.geo = _Geometry(capacity)
         n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self.layers = [SlotLayer(self.geo, max_rows) for _ in range(n_layers)]
@@ -137,8 +139,21 @@ class Batch:
         self.positions.pop()
         if geo.first:
             geo.start = min(geo.first)
+        elif geo.capacity > self.initial_capacity:  # empty after long sequences: give the grown buffers back
+            self.release()
         else:  # empty: re-centre the window, nothing to move
             geo.start = geo.end = geo.capacity // 2
+
+    def release(self) -> None:
+        """Drop the cache buffers of an empty batch (the next `add` allocates them at the initial capacity): a
+        burst of long sequences grows them to GBs, and an idle server should not keep that."""
+        if self.rows:
+            raise RuntimeError("release() needs an empty batch")
+        for layer in self.layers:
+            layer.k = layer.v = layer.keys = layer.values = None
+            layer.is_initialized = False
+        self.geo.capacity = self.initial_capacity
+        self.geo.start = self.geo.end = self.initial_capacity // 2
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
         """One step for every row: feed each row's last token, return next-token logits [rows, vocab]."""
