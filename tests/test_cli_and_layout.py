@@ -243,14 +243,16 @@ def test_a_bad_out_is_one_input_error_before_any_work(tmp_path: Path):
     assert a_file.read_text() == "keep me"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_a_read_only_out_is_one_input_error(tmp_path: Path):
     src = tmp_path / "q.jsonl"
     src.write_text('{"question": "hi"}\n')
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    r = run_imitate("harvest", str(src), "--out", str(locked / "o"), "--quiet")
+    # root writes into a mode-500 directory; sysfs refuses even root a new directory
+    where = Path("/sys/imitate-test-out") if os.geteuid() == 0 else locked / "o"
+    r = run_imitate("harvest", str(src), "--out", str(where), "--quiet")
     assert r.returncode == 3 and "cannot write there" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not where.exists()
 
 
 @pytest.mark.parametrize("url", ["ftp://h/v1", "127.0.0.1:8089/v1", "http://h:99999/v1", "http://[::1/v1"])
