@@ -60,7 +60,7 @@ if [ -f "$OUT/eval/.bench-done" ]; then
 else
   imitate eval bench --model "$MODEL" --adapter "$OUT/student/adapter" \
     --data data/eval/general_mc.jsonl --data data/eval/arithmetic.jsonl \
-    --train-data "$OUT/curated" --max-new-tokens 160 --out "$OUT/eval"
+    --train-data "$OUT/curated" --max-new-tokens 160 --batch-size 16 --out "$OUT/eval"
   touch "$OUT/eval/.bench-done"
 fi
 
