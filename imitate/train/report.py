@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from imitate import config as cfgmod
+from imitate.dataset.io import atomic_path
 from imitate.train import metrics
 from imitate.train.pack import Batch
 from imitate.train.tokenize import IGNORE, Example
@@ -98,9 +99,8 @@ def restart_outputs(out: Path, step: int, *, fresh: bool) -> None:
                 continue
             if row["step"] <= step:
                 kept.append(line)
-        tmp = metrics_file.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        tmp.replace(metrics_file)
+        with atomic_path(metrics_file) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     if fresh:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
