@@ -94,9 +94,11 @@ def with_max_tokens(prompts: JudgePrompts, max_tokens: int | None) -> JudgePromp
         return prompts
     if max_tokens < 1:
         raise ValueError("max_tokens must be >= 1")
-    capped = {k: getattr(prompts, k).model_copy(update={"params": getattr(prompts, k).params.model_copy(
-        update={"max_tokens": max_tokens})}) for k in ("single", "pairwise")}  # fmt: skip
-    return prompts.model_copy(update=capped)
+
+    def cap(p: JudgePrompt) -> JudgePrompt:
+        return p.model_copy(update={"params": p.params.model_copy(update={"max_tokens": max_tokens})})
+
+    return prompts.model_copy(update={"single": cap(prompts.single), "pairwise": cap(prompts.pairwise)})
 
 
 def load_judge_prompts(path: Path | str | None = None) -> JudgePrompts:
