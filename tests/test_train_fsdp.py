@@ -1,6 +1,6 @@
 """train.parallel=fsdp under torchrun: 2 CPU processes (gloo), each decoder layer sharded with FSDP2, give the same
-losses and the same adapter as 1 process accumulating the same micro-batches; the run is killed (SIGKILL to the whole
-torchrun process group) after its first sharded checkpoint and resumed from it; the adapter it saves (gathered on
+losses and the same adapter as 1 process accumulating the same micro-batches; the run is killed (SIGKILL to the torchrun
+launcher and both ranks) after its first sharded checkpoint and resumed from it; the adapter it saves (gathered on
 rank 0) is peft's format and loads with peft."""
 
 from __future__ import annotations
