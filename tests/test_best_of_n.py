@@ -247,6 +247,19 @@ def test_bad_options_are_one_line(tmp_path: Path, capsys):
         (["--scorer", "reward"], "--scorer reward needs --reward-model DIR"),
         (["--source", "student", "--temperature", "0"], "--temperature 0 makes the student's n answers identical"),
         (["--keep", "worst"], "--keep 'worst': expected best or best-worst"),
+        # unset key variables are named before any prompt is sampled or model loaded
+        (["--api-key-env", "IMITATE_TEST_UNSET_KEY"], "IMITATE_TEST_UNSET_KEY (teacher 'default'"),
+        (
+            [
+                "--source",
+                "student",
+                "--student-model",
+                str(tmp_path / "missing"),
+                "--judge-api-key-env",
+                "IMITATE_TEST_UNSET_KEY",
+            ],
+            "IMITATE_TEST_UNSET_KEY (teacher 'judge'",
+        ),
     ]:
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -371,6 +371,12 @@ def test_cli_usage_and_one_line_errors(fake_teacher, tmp_path: Path, capsys):
                  "--judge-base-url", fake_teacher.base_url])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1 and "--mode both compares the student with a second model" in err[0]
+    # an unset key variable is named before any model is looked at (or answers generated for minutes)
+    code = main(["eval", "judge", "--questions", str(QUESTIONS), "--out", str(tmp_path / "r"), "--model",
+                 str(tmp_path / "missing"), "--judge-base-url", fake_teacher.base_url,
+                 "--api-key-env", "IMITATE_TEST_UNSET_KEY"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "IMITATE_TEST_UNSET_KEY" in err[0] and "is not set" in err[0], err
     assert fake_teacher.stats()["requests"] == 0  # every error came before any judge call
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from imitate import __version__
-from imitate.config import ImitateConfig, redact_url, redacted
+from imitate.config import ImitateConfig, redact_url, redacted, resolve_api_key
 from imitate.dataset.harvested import Tail, is_final, ledger_spent
 from imitate.dataset.io import atomic_path
 from imitate.errors import ConfigError, InputError
@@ -116,6 +116,9 @@ class BestOfN:
         if problems:
             raise ConfigError("bad best-of-n options", problems=problems)
         self.cfg, self.o, self.judge_cfg = cfg, o, only_teacher(judge_cfg or cfg, "judge")
+        used = [cfg] if o.source == "teacher" else []  # an unset key variable fails now, not after local work
+        for c in used + ([self.judge_cfg] if o.scorer == "judge" else []):
+            resolve_api_key(c.harvest.teachers[0])
         self.command, self.progress, self.log = command, progress, log or (lambda _: None)
         self.dirs = {"samples": o.out / "samples", "judge": o.out / "judge"}
         self.prompts = with_max_tokens(load_judge_prompts(), o.judge_max_tokens) if o.scorer == "judge" else None

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from imitate import __version__
-from imitate.config import FieldMap, ImitateConfig, SourceConfig, redact_url
+from imitate.config import FieldMap, ImitateConfig, SourceConfig, redact_url, resolve_api_key
 from imitate.dataset.harvested import Tail, is_final, ledger_spent
 from imitate.dataset.io import atomic_path
 from imitate.errors import InputError
@@ -94,6 +94,9 @@ class JudgeEval:
             raise InputError(f"--mode {options.mode!r}: expected one of {', '.join(MODES)}")
         self.cfg, self.o = only_teacher(cfg, "judge"), options
         self.teacher_cfg = only_teacher(teacher_cfg, "teacher") if teacher_cfg is not None else None
+        for c in (self.cfg, self.teacher_cfg):  # an unset key variable fails now, not after the local answers
+            if c is not None:
+                resolve_api_key(c.harvest.teachers[0])
         self.command, self.progress, self.log = command, progress, log or (lambda _: None)
         self.prompts = with_max_tokens(load_judge_prompts(), options.judge_max_tokens)
         self.dirs = {"judge": options.out / "judge", "teacher": options.out / "answers" / "teacher"}
